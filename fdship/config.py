@@ -1,0 +1,288 @@
+"""Configuration of the center and the daemons: documented defaults, TOML, flags.
+
+Every key of a config file is also a command-line flag (``data_dir`` is
+``--data-dir``) and a flag beats the file; ``FDSHIP_TOKEN`` beats a token file.
+The dataclasses below are the single list of keys: the argument parser, the
+TOML loader, ``docs/operations.md`` and the Ansible templates all follow them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import stat
+import tomllib
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Callable
+
+from fdship.errors import ConfigError
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def parse_size(value: str | int | float, what: str = "size") -> int:
+    """'4M' -> 4194304.  Suffixes K, M, G, T (powers of 1024), optional 'iB'/'B'."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: expected a size like 4M, got {value!r}")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ConfigError(f"{what}: must not be negative")
+        return int(value)
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise ConfigError(f"{what}: {value!r} is not a size; write e.g. 4194304, 4M or 512K")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def parse_duration(value: str | int | float, what: str = "duration") -> float:
+    """'10m' -> 600.0.  Suffixes ms, s, m, h, d; a bare number is seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: expected a duration like 10s, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$", str(value))
+    if not m:
+        raise ConfigError(f"{what}: {value!r} is not a duration; write e.g. 30s, 10m or 7d")
+    mult = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}[m.group(2)]
+    return float(m.group(1)) * mult
+
+
+def parse_hostport(value: str, what: str = "address") -> tuple[str, int]:
+    host, sep, port = str(value).rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{what}: {value!r} must be HOST:PORT, e.g. 0.0.0.0:7070")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _opt(default: Any, help: str, parse: Callable[[Any, str], Any] | None = None,
+         multiple: bool = False) -> Any:
+    meta = {"help": help, "parse": parse, "multiple": multiple}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _str(v: Any, what: str) -> str:
+    if not isinstance(v, str):
+        raise ConfigError(f"{what}: expected a string, got {v!r}")
+    return v
+
+
+def _int(v: Any, what: str) -> int:
+    try:
+        if isinstance(v, bool):
+            raise ValueError
+        return int(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}: expected a whole number, got {v!r}") from None
+
+
+def _bool(v: Any, what: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    if str(v).lower() in ("1", "true", "yes", "on"):
+        return True
+    if str(v).lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{what}: expected true or false, got {v!r}")
+
+
+def _opt_size(v: Any, what: str) -> int | None:
+    if v in (None, "", "none", 0, "0"):
+        return None
+    return parse_size(v, what)
+
+
+def _strlist(v: Any, what: str) -> list[str]:
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ConfigError(f"{what}: expected a list of strings")
+    out: list[str] = []
+    for x in v:  # "a,b" on the command line means two entries
+        out.extend(p for p in (s.strip() for s in x.split(",")) if p)
+    return out
+
+
+@dataclass
+class CenterConfig:
+    """Settings of `fdship center`."""
+
+    listen: str = _opt("0.0.0.0:7070", "address to listen on, HOST:PORT")
+    data_dir: str = _opt("/var/lib/fdship/center", "REDO log and checkpoints")
+    chunk_size: int = _opt(4 * 1024 * 1024, "chunk size for new jobs (K, M suffixes)", parse_size)
+    token_file: str = _opt("", "file holding the shared token (mode 0600)")
+    heartbeat_timeout: float = _opt(5.0, "a daemon silent this long is dead", parse_duration)
+    grace_period: float = _opt(60.0, "a dead target may come back this long before its part "
+                               "of a job fails", parse_duration)
+    max_uploads: int = _opt(4, "default concurrent uploads per host (daemons may report their own)",
+                            _int)
+    max_downloads: int = _opt(4, "default concurrent downloads per host", _int)
+    max_attempts: int = _opt(8, "fetch attempts per chunk and machine before the machine fails",
+                             _int)
+    fetch_timeout: float = _opt(120.0, "an assigned fetch with no answer this long is retried",
+                                parse_duration)
+    checkpoint_interval: float = _opt(30.0, "seconds between checkpoints", parse_duration)
+    checkpoint_records: int = _opt(50_000, "also checkpoint after this many log records", _int)
+    retention: float = _opt(7 * 86400.0, "how long finished jobs stay queryable", parse_duration)
+    max_files: int = _opt(10_000, "most files in one job", _int)
+    max_machines: int = _opt(10_000, "most machines in one job", _int)
+    seed: int = _opt(0, "seed for the scheduler's tie-breaking (0: random per start)", _int)
+    config: str = _opt("", "TOML config file")
+
+    def validate(self) -> None:
+        parse_hostport(self.listen, "listen")
+        if not 4096 <= self.chunk_size <= 1024**3:
+            raise ConfigError("chunk_size must be between 4K and 1G")
+        for name in ("max_uploads", "max_downloads", "max_attempts"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        if self.heartbeat_timeout <= 0 or self.grace_period < 0:
+            raise ConfigError("heartbeat_timeout must be positive and grace_period not negative")
+
+
+@dataclass
+class DaemonConfig:
+    """Settings of `fdship daemon`."""
+
+    center: str = _opt("http://127.0.0.1:7070", "URL of the center")
+    listen: str = _opt("0.0.0.0:7071", "address to listen on, HOST:PORT")
+    advertise: str = _opt("", "HOST:PORT peers and the center use (default: derived from listen)")
+    name: str = _opt("", "this daemon's name (default: the host name)")
+    label: list[str] = _opt([], "labels for targeting with @LABEL (repeatable)", _strlist, True)
+    data_dir: str = _opt("/var/lib/fdship/daemon", "chunk store and staging records")
+    root: str = _opt("/", "every destination path is written under this directory")
+    allow_dest: list[str] = _opt([], "destinations must lie under one of these (repeatable)",
+                                 _strlist, True)
+    allow_source: list[str] = _opt([], "files shipped from here must lie under one of these",
+                                   _strlist, True)
+    upload_rate: int | None = _opt(None, "upload cap in bytes/s (e.g. 50M); none by default",
+                                   _opt_size)
+    download_rate: int | None = _opt(None, "download cap in bytes/s; none by default", _opt_size)
+    max_uploads: int = _opt(4, "concurrent chunk uploads this daemon serves", _int)
+    max_downloads: int = _opt(4, "concurrent chunk downloads this daemon runs", _int)
+    heartbeat_interval: float = _opt(1.0, "seconds between load reports", parse_duration)
+    token_file: str = _opt("", "file holding the shared token (mode 0600)")
+    fault_inject: str = _opt("", "TESTING ONLY: corrupt=P or drop=P makes served chunks bad "
+                             "with probability P; needs allow_fault_injection", )
+    allow_fault_injection: bool = _opt(False, "permit fault_inject (never in production)", _bool)
+    config: str = _opt("", "TOML config file")
+    # [hooks.NAME] tables in the TOML file: command = [...], timeout = 30, or url = "...".
+    hooks: dict[str, Any] = field(default_factory=dict, metadata={"file_only": True})
+
+    def validate(self) -> None:
+        host, port = parse_hostport(self.listen, "listen")
+        if self.advertise:
+            parse_hostport(self.advertise, "advertise")
+        if not self.center.startswith(("http://", "https://")):
+            raise ConfigError(f"center: {self.center!r} must be a URL like http://10.0.0.1:7070")
+        if not os.path.isabs(self.root):
+            raise ConfigError(f"root: {self.root!r} must be an absolute path")
+        for d in self.allow_dest + self.allow_source:
+            if not os.path.isabs(d):
+                raise ConfigError(f"allowed directory {d!r} must be an absolute path")
+        if self.fault_inject and not self.allow_fault_injection:
+            raise ConfigError("fault_inject is set but allow_fault_injection is not: fault "
+                              "injection corrupts data and is refused unless explicitly enabled")
+        for name, spec in self.hooks.items():
+            if not isinstance(spec, dict) or not (("command" in spec) ^ ("url" in spec)):
+                raise ConfigError(f"hook {name!r}: give exactly one of command = [...] or url")
+        if not self.name:
+            self.name = socket.gethostname()
+        if not self.advertise:
+            if host in ("0.0.0.0", "", "::"):
+                host = primary_address()
+            self.advertise = f"{host}:{port}"
+
+
+def primary_address() -> str:
+    """The address this host uses to reach others (no packet is sent)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.connect(("192.0.2.1", 9))  # TEST-NET-1: only picks a route, sends nothing
+        return str(s.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
+    finally:
+        s.close()
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per config key; defaults are None so we can tell 'not given'."""
+    for f in fields(cls):
+        if f.metadata.get("file_only"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kw: dict[str, Any] = {"dest": f.name, "default": None, "help": f.metadata.get("help", "")}
+        if f.metadata.get("multiple"):
+            kw["action"] = "append"
+        if f.type in ("bool", bool) or f.metadata.get("parse") is _bool:
+            kw["action"] = "store_const"
+            kw["const"] = True
+        parser.add_argument(flag, **kw)
+
+
+def load(cls: type, args: argparse.Namespace | dict[str, Any]) -> Any:
+    """Defaults < TOML file < flags; then parse and validate every value."""
+    given = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    names = {f.name: f for f in fields(cls)}
+    values: dict[str, Any] = {}
+    cfg_path = given.get("config")
+    if cfg_path:
+        try:
+            with open(cfg_path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {cfg_path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {cfg_path} is not valid TOML: {e}") from None
+        for k, v in data.items():
+            key = k.replace("-", "_")
+            if key == "labels":
+                key = "label"
+            if key not in names:
+                raise ConfigError(f"config file {cfg_path}: unknown key {k!r}; known keys: "
+                                  + ", ".join(sorted(n for n in names if n != "config")))
+            values[key] = v
+    for k, v in given.items():
+        if k in names and v is not None:
+            values[k] = v
+    obj = cls()
+    for k, v in values.items():
+        f = names[k]
+        parse = f.metadata.get("parse")
+        if parse is not None:
+            v = parse(v, k)
+        elif f.name != "hooks":
+            v = _str(v, k) if isinstance(f.default, str) else v
+        setattr(obj, k, v)
+    obj.validate()
+    return obj
+
+
+def read_token(token_file: str = "") -> str:
+    """The shared token: $FDSHIP_TOKEN, else the token file, else '' (auth off).
+
+    A token file readable by group or others is refused: anyone who can read
+    it can write files on every machine of the fleet.
+    """
+    env = os.environ.get("FDSHIP_TOKEN")
+    if env:
+        return env.strip()
+    if not token_file:
+        return ""
+    try:
+        st = os.stat(token_file)
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(f"token file {token_file} is readable by group or others "
+                              f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {token_file}")
+        with open(token_file, encoding="utf-8") as fh:
+            token = fh.read().strip()
+    except OSError as e:
+        raise ConfigError(f"cannot read token file {token_file}: {e.strerror}") from None
+    if not token:
+        raise ConfigError(f"token file {token_file} is empty")
+    return token
