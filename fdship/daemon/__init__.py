@@ -1,0 +1,1 @@
+"""The per-server daemon: snapshots sources, serves and fetches chunks, installs files."""

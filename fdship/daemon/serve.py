@@ -1,0 +1,262 @@
+"""GET /daemon/download: hand one verified chunk to a peer, zero copy.
+
+Where it sits: every daemon mounts :class:`DownloadHandler`; peers running
+:mod:`fdship.daemon.fetch` call it for the chunks the center assigned them.
+Which bytes to send comes only from :meth:`fdship.daemon.store.Store.chunk_source`
+(job, file and chunk are dictionary keys, never path parts), so a request can
+only ever read what the store holds verified.
+
+The body goes out with ``sendfile(2)`` through ``loop.sock_sendfile`` on the
+connection's own socket: the bytes travel page cache -> socket without
+entering Python.  Tornado does not know about those bytes, so after sending we
+credit them against the connection's Content-Length accounting
+(``HTTP1Connection._expected_content_remaining``, a private attribute) and let
+Tornado finish the response normally, which keeps the connection alive for
+the peer's next chunk.  ``tests/daemon/test_serve_fetch.py`` fails loudly if a
+Tornado upgrade changes that contract; if the attribute is gone the handler
+falls back to the buffered path rather than corrupting the stream.
+
+The buffered path (``os.pread`` slices + ``write``) serves TLS connections,
+where sendfile cannot work, and the fault injection used by tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from tornado.iostream import SSLIOStream, StreamClosedError
+
+from fdship.daemon.ratelimit import RateLimiter
+from fdship.daemon.store import Store, check_job_id
+from fdship.errors import BadRequest, ConfigError, NotFound
+from fdship.web import BaseHandler
+
+log = logging.getLogger("fdship.daemon.serve")
+
+# Without a rate cap a chunk goes out in 4 MiB sendfile calls: big enough that
+# the per-call cost vanishes, small enough that the stall timeout below means
+# "no progress for that long".  Under a cap, 256 KiB slices keep the rate smooth.
+SLICE = 4 * 1024 * 1024
+LIMITED_SLICE = 256 * 1024
+BUFFERED_SLICE = 256 * 1024
+WRITE_TIMEOUT = 30.0
+
+_rng = random.Random()
+
+
+@dataclass
+class ServeStats:
+    """Plain counters for the daemon's /metrics and load reports."""
+
+    bytes_served: int = 0
+    chunks_served: int = 0
+    uploads_in_flight: int = 0
+    not_found: int = 0
+    aborted: int = 0  # the peer went away, stalled past the timeout, or a fault dropped it
+    zero_copy: int = 0  # chunks sent with sendfile
+    buffered: int = 0  # chunks sent through Python (TLS, fault injection)
+    faults_injected: int = 0
+
+
+def parse_fault(spec: str) -> tuple[str, float]:
+    """``"corrupt=0.3"`` -> ("corrupt", 0.3); ``""`` -> ("", 0.0)."""
+    if not spec:
+        return "", 0.0
+    kind, sep, p = spec.partition("=")
+    try:
+        prob = float(p)
+    except ValueError:
+        prob = -1.0
+    if not sep or kind not in ("corrupt", "drop") or not 0.0 <= prob <= 1.0:
+        raise ConfigError(f"fault_inject {spec!r} is malformed: write corrupt=P or drop=P with "
+                          "P between 0 and 1")
+    return kind, prob
+
+
+class _FdFile:
+    """The least a file object needs for ``loop.sock_sendfile``: a binary mode and a fileno."""
+
+    mode = "rb"
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def fileno(self) -> int:
+        return self._fd
+
+
+class _Aborted(Exception):
+    """The transfer cannot continue; the connection has been closed."""
+
+
+class DownloadHandler(BaseHandler):
+    """GET /daemon/download?job=J&file=F&chunk=C -> the chunk's bytes."""
+
+    def initialize(self, store: Store, limiter: RateLimiter | None = None,
+                   stats: ServeStats | None = None, fault: str = "",
+                   write_timeout: float = WRITE_TIMEOUT) -> None:
+        self.store = store
+        self.limiter = limiter if limiter is not None and limiter.enabled else None
+        self.stats = stats if stats is not None else ServeStats()
+        self.fault = parse_fault(fault)
+        self.write_timeout = write_timeout
+        self._send_fut: asyncio.Future[Any] | None = None
+        self._closed = False
+
+    def compute_etag(self) -> str | None:
+        return None  # chunks are immutable and never conditionally requested
+
+    def on_connection_close(self) -> None:
+        # Tornado closed the socket (the peer hung up): a sendfile still waiting
+        # for it to become writable would wait forever, so stop it now.
+        self._closed = True
+        if self._send_fut is not None and not self._send_fut.done():
+            self._send_fut.cancel()
+
+    def _int_arg(self, name: str) -> int:
+        raw = self.get_query_argument(name, None)
+        if raw is None:
+            raise BadRequest(f"missing query parameter '{name}': call "
+                             "/daemon/download?job=J&file=F&chunk=C")
+        if not raw.isdigit() or len(raw) > 12:
+            raise BadRequest(f"query parameter '{name}' must be a non-negative integer, "
+                             f"got {raw[:40]!r}")
+        return int(raw)
+
+    async def get(self) -> None:
+        job = self.get_query_argument("job", None)
+        if job is None:
+            raise BadRequest("missing query parameter 'job': call "
+                             "/daemon/download?job=J&file=F&chunk=C")
+        check_job_id(job)
+        file, chunk = self._int_arg("file"), self._int_arg("chunk")
+        src = self.store.chunk_source(job, file, chunk)
+        if src is None:
+            self.stats.not_found += 1
+            raise NotFound(f"chunk {chunk} of job {job} file {file} is not held verified by "
+                           "this daemon; ask the center for another peer")
+        # Our own reference to the open file: if the job is dropped mid-send the
+        # store closes its fd, and a recycled fd number must not be read from.
+        fd = os.dup(src[0])
+        offset, length = src[1], src[2]
+        self.stats.uploads_in_flight += 1
+        try:
+            self.set_header("Content-Type", "application/octet-stream")
+            self.set_header("Content-Length", str(length))
+            await self._send(fd, offset, length)
+        except _Aborted:
+            self.stats.aborted += 1
+        finally:
+            self.stats.uploads_in_flight -= 1
+            os.close(fd)
+
+    async def _send(self, fd: int, offset: int, length: int) -> None:
+        kind, prob = self.fault
+        fault = kind if kind and _rng.random() < prob else ""
+        conn = self.request.connection
+        stream = getattr(conn, "stream", None)
+        if fault:
+            self.stats.faults_injected += 1
+        if fault == "corrupt":
+            await self._send_buffered(fd, offset, length, corrupt_at=_rng.randrange(length))
+        elif isinstance(stream, SSLIOStream) or stream is None or \
+                not hasattr(conn, "_expected_content_remaining"):
+            await self._send_buffered(fd, offset, length)
+        else:
+            await self._send_zero_copy(fd, offset, length, drop=fault == "drop")
+
+    def _abort(self) -> _Aborted:
+        stream = getattr(self.request.connection, "stream", None)
+        if stream is not None:
+            stream.close()
+        return _Aborted()
+
+    async def _send_zero_copy(self, fd: int, offset: int, length: int, drop: bool) -> None:
+        conn: Any = self.request.connection
+        stream = conn.stream
+        try:
+            # Headers first, through Tornado, and wait until they are on the
+            # wire so the body cannot overtake them.
+            await asyncio.wait_for(self.flush(), self.write_timeout)
+        except (StreamClosedError, asyncio.TimeoutError):
+            raise self._abort() from None
+        loop = asyncio.get_running_loop()
+        fobj = _FdFile(fd)
+        step = LIMITED_SLICE if self.limiter else SLICE
+        # A dropped connection mid-chunk: send half, then hang up.
+        end = length // 2 if drop else length
+        sent = 0
+        while sent < end:
+            n = min(step, end - sent)
+            if self.limiter:
+                await self.limiter.acquire(n)
+            if self._closed or stream.closed():
+                raise self._abort()
+            self._send_fut = asyncio.ensure_future(
+                loop.sock_sendfile(stream.socket, fobj, offset + sent, n, fallback=False))
+            try:
+                got = await asyncio.wait_for(self._send_fut, self.write_timeout)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # we are being cancelled ourselves
+                raise self._abort() from None  # on_connection_close stopped the send
+            except (OSError, asyncio.TimeoutError) as e:
+                # A broken pipe, a reset, or a peer that stopped reading for
+                # write_timeout seconds: free the upload slot.
+                log.info("upload to %s aborted after %d of %d bytes: %s",
+                         self.request.remote_ip, sent, length, e or type(e).__name__)
+                raise self._abort() from None
+            except RuntimeError as e:
+                # asyncio.SendfileNotAvailableError: the very first sendfile call
+                # failed, which on a regular file means the socket is dead.
+                log.info("upload to %s failed: %s", self.request.remote_ip, e)
+                raise self._abort() from None
+            finally:
+                self._send_fut = None
+            sent += got
+            self.stats.bytes_served += got
+            if got < n:
+                # The file is shorter than the store claims (truncated under us):
+                # hanging up is the only honest answer once headers are out.
+                raise self._abort()
+        if drop:
+            raise self._abort()
+        # Tell Tornado the body went out so its Content-Length check passes and
+        # the connection stays open for the next request.
+        conn._expected_content_remaining -= sent
+        self.stats.chunks_served += 1
+        self.stats.zero_copy += 1
+        self.finish()
+
+    async def _send_buffered(self, fd: int, offset: int, length: int,
+                             corrupt_at: int = -1) -> None:
+        sent = 0
+        while sent < length:
+            n = min(BUFFERED_SLICE, length - sent)
+            data = os.pread(fd, n, offset + sent)
+            if not data:
+                raise self._abort()
+            if sent <= corrupt_at < sent + len(data):
+                b = bytearray(data)
+                b[corrupt_at - sent] ^= 0xFF
+                data = bytes(b)
+            if self.limiter:
+                await self.limiter.acquire(len(data))
+            if self._closed:
+                raise self._abort()
+            self.write(data)
+            try:
+                await asyncio.wait_for(self.flush(), self.write_timeout)
+            except (StreamClosedError, asyncio.TimeoutError):
+                raise self._abort() from None
+            sent += len(data)
+            self.stats.bytes_served += len(data)
+        self.stats.chunks_served += 1
+        self.stats.buffered += 1
+        self.finish()

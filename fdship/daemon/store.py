@@ -1,0 +1,950 @@
+"""Everything a daemon keeps on disk: source snapshots, staging files, installed files.
+
+Where it sits: the daemon's HTTP handlers (``fdship/daemon/app.py``) call this
+module; :mod:`fdship.daemon.serve` asks it which fd holds a chunk, and
+:mod:`fdship.daemon.fetch` writes into the fds it hands out.  Nothing here
+speaks HTTP or touches the event loop; the slow calls (:meth:`Store.snapshot`,
+:meth:`Store.pack`, :meth:`Store.open`) block and are meant to run in a thread.
+
+A job's data flows through it one way::
+
+    source daemon:  snapshot() -> commit_snapshots() -> chunk_source() for peers
+    target daemon:  open_staging() -> pwrite + mark_chunk() per fetched chunk
+                    -> pack(): verify, fsync, rename onto the final path
+                    -> chunk_source() keeps serving the installed inode
+
+Layout under ``data_dir`` (internal; may change between versions)::
+
+    pending/KEY.data, KEY.json      snapshots not yet attached to a job
+    jobs/JOB/src-N.data, src-N.json  file N of JOB as snapshotted on the source
+    jobs/JOB/stage-N.json           staging manifest of file N (dest, size, hash, temp path)
+    jobs/JOB/stage-N.chunks         append-only log of chunks verified since the manifest
+
+Durability is spent only where it buys something.  Snapshots, manifests and
+the chunk log are never fsynced: after a crash :meth:`Store.open` re-hashes
+every chunk it claims to hold and forgets those that no longer match, so a
+torn write costs a refetch, never a wrong byte.  The installed file is fsynced
+before the rename and its directory after, because that is the promise made to
+users: no reader ever sees a partial or unverified file at the final path.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import stat
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import xxhash
+
+from fdship.errors import BadRequest, Conflict, IntegrityError, LocalIOError, NotFound
+from fdship.protocol import Holding, chunk_count, chunk_span
+
+log = logging.getLogger("fdship.daemon.store")
+
+# One read buffer per blocking operation: large enough that syscall overhead
+# vanishes, small enough that memory stays flat whatever the file size.
+IO_BUFFER = 1024 * 1024
+
+MiB = 1024 * 1024
+
+_JOB_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_HEX_RE = re.compile(r"^[0-9a-f]{16}$")
+
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def _mib(n: int) -> str:
+    return f"{n / MiB:.0f} MiB" if n >= 10 * MiB else f"{n / MiB:.1f} MiB"
+
+
+def check_job_id(job: str) -> str:
+    """Job ids become directory names, so only a safe alphabet is accepted."""
+    if not isinstance(job, str) or not _JOB_RE.match(job):
+        raise BadRequest(f"job id {job!r} is malformed: expected up to 128 letters, digits, "
+                         "'.', '_', ':' or '-', not starting with a punctuation mark")
+    return job
+
+
+def free_space(path: str) -> int:
+    """Bytes available to an unprivileged writer on the file system holding ``path``.
+
+    ``path`` need not exist yet: the nearest existing ancestor is asked, which
+    is where a missing destination directory would be created.
+    """
+    p = os.path.abspath(path)
+    while True:
+        try:
+            st = os.statvfs(p)
+            return st.f_bavail * st.f_frsize
+        except (FileNotFoundError, NotADirectoryError):
+            parent = os.path.dirname(p)
+            if parent == p:
+                raise
+            p = parent
+
+
+def hash_range(fd: int, offset: int, length: int, buf: bytearray | None = None) -> str:
+    """xxh3-64 of ``length`` bytes at ``offset`` of ``fd``, streamed through one buffer.
+
+    A short file hashes what is there: the caller compares against a recorded
+    hash, so missing bytes simply fail the comparison.
+    """
+    mv = memoryview(buf if buf is not None else bytearray(min(IO_BUFFER, max(length, 1))))
+    h = xxhash.xxh3_64()
+    pos = 0
+    while pos < length:
+        n = os.preadv(fd, [mv[:min(len(mv), length - pos)]], offset + pos)
+        if n == 0:
+            break
+        h.update(mv[:n])
+        pos += n
+    return h.hexdigest()
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        n = os.write(fd, data)
+        data = data[n:]
+
+
+def _atomic_json(path: str, obj: Any) -> None:
+    """Replace ``path`` with ``obj`` as JSON: a reader sees the old or the new, never half.
+
+    No fsync: these records are re-verified against the data on every start.
+    """
+    tmp = f"{path}.tmp{os.getpid()}.{threading.get_ident()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, separators=(",", ":"))
+    os.rename(tmp, path)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None and fd >= 0:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (fifo)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    return "not a regular file"
+
+
+# --- value types --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A source file copied into the store and hashed, waiting for (or attached to) a job."""
+
+    key: str
+    path: str  # the source path it was taken from (FileSpec.path)
+    size: int
+    xxh3: str
+    chunks: list[str]
+    chunk_size: int = 0
+    copy_path: str = ""  # where the private copy lives under data_dir
+
+
+@dataclass(frozen=True)
+class PackResult:
+    """What :meth:`Store.pack` installed."""
+
+    job: str
+    file: int
+    path: str  # final path on this machine (root + dest)
+    size: int
+    xxh3: str
+    seconds: float
+    from_snapshot: bool = False  # copied from this daemon's own source snapshot
+    already: bool = False  # the file had been packed before; nothing was done
+
+
+@dataclass
+class _Source:
+    """A committed snapshot: file ``file`` of ``job`` as the source daemon serves it."""
+
+    job: str
+    file: int
+    src_path: str
+    data_path: str
+    size: int
+    xxh3: str
+    chunk_size: int
+    chunks: list[str]
+    fd: int
+    valid: set[int] = field(default_factory=set)
+
+
+class Staging:
+    """The temporary file a target assembles one job file in, beside its final path.
+
+    ``write_fd`` is open read-write for ``os.pwrite`` by the fetcher; after
+    :meth:`Store.pack` the same fd keeps the installed inode open so peers can
+    still be served from it.
+    """
+
+    def __init__(self, store: Store, job: str, file: int, dest: str, final_path: str,
+                 temp_path: str, size: int, xxh3: str, chunk_size: int, write_fd: int,
+                 log_fd: int, created_dirs: list[str]) -> None:
+        self._store = store
+        self.job = job
+        self.file = file
+        self.dest = dest
+        self.final_path = final_path
+        self.temp_path = temp_path
+        self.size = size
+        self.xxh3 = xxh3
+        self.chunk_size = chunk_size
+        self.write_fd = write_fd
+        self._log_fd = log_fd
+        self.created_dirs = created_dirs  # parents we made, fsynced at pack time
+        self.verified: dict[int, str] = {}
+        self.packed = False
+
+    @property
+    def nchunks(self) -> int:
+        return chunk_count(self.size, self.chunk_size)
+
+    def span(self, chunk: int) -> tuple[int, int]:
+        """(offset, length) of ``chunk`` in this file."""
+        return chunk_span(self.size, self.chunk_size, chunk)
+
+    def complete(self) -> bool:
+        return len(self.verified) == self.nchunks
+
+    def missing(self) -> list[int]:
+        return [c for c in range(self.nchunks) if c not in self.verified]
+
+    def mark_chunk(self, chunk: int, xxh3: str) -> None:
+        """Record that ``chunk`` was written and its bytes hashed to ``xxh3``.
+
+        One short append to the chunk log, no fsync: :meth:`Store.open`
+        re-hashes what the log claims, so a lost line only costs a refetch.
+        """
+        if not 0 <= chunk < self.nchunks:
+            raise BadRequest(f"chunk {chunk} is out of range for job {self.job} file "
+                             f"{self.file} ({self.nchunks} chunks)")
+        with self._store._lock:
+            if self.packed or self._log_fd < 0:
+                return
+            self.verified[chunk] = xxh3
+            try:
+                os.write(self._log_fd, f"{chunk} {xxh3}\n".encode())
+            except OSError as e:
+                # The record is an optimisation for restarts; the chunk is still
+                # good in memory, so keep serving it and only log the lost record.
+                log.warning("cannot record chunk %d of %s/%d: %s", chunk, self.job,
+                            self.file, e)
+
+    def _reset_chunks(self) -> None:
+        with self._store._lock:
+            self.verified.clear()
+            if self._log_fd >= 0:
+                os.ftruncate(self._log_fd, 0)
+
+    def _manifest(self) -> dict[str, Any]:
+        return {"job": self.job, "file": self.file, "dest": self.dest,
+                "final_path": self.final_path, "temp_path": self.temp_path, "size": self.size,
+                "xxh3": self.xxh3, "chunk_size": self.chunk_size, "packed": self.packed,
+                "created_dirs": self.created_dirs,
+                "chunks": {str(k): v for k, v in sorted(self.verified.items())}}
+
+    def _close(self) -> None:
+        _close(self.write_fd)
+        _close(self._log_fd)
+        self.write_fd = -1
+        self._log_fd = -1
+
+
+# --- the store ---------------------------------------------------------------------------
+
+
+class Store:
+    """A daemon's chunk store and staging area.  Call :meth:`open` before anything else."""
+
+    def __init__(self, data_dir: str, root: str = "/") -> None:
+        if not os.path.isabs(root):
+            raise BadRequest(f"root {root!r} must be an absolute path")
+        self.data_dir = os.path.abspath(data_dir)
+        self.root = os.path.normpath(root)
+        self._pending_dir = os.path.join(self.data_dir, "pending")
+        self._jobs_dir = os.path.join(self.data_dir, "jobs")
+        # Guards the indexes below.  The event loop reads them (chunk_source,
+        # mark_chunk) while snapshot/pack run in worker threads.
+        self._lock = threading.RLock()
+        self._pending: dict[str, Snapshot] = {}
+        self._sources: dict[tuple[str, int], _Source] = {}
+        self._stagings: dict[tuple[str, int], Staging] = {}
+
+    # --- life cycle -----------------------------------------------------------------
+
+    def open(self) -> None:
+        """Create the directories and rebuild the index from disk (blocking).
+
+        Every chunk a previous run recorded as held is hashed again; those that
+        no longer match (the records were never fsynced) are forgotten, so the
+        inventory reports only bytes that are really there.
+        """
+        for d in (self.data_dir, self._pending_dir, self._jobs_dir):
+            try:
+                os.makedirs(d, mode=0o700, exist_ok=True)
+            except OSError as e:
+                raise LocalIOError(f"cannot create data directory {d}: {e.strerror}; make "
+                                   "--data-dir writable by the daemon's user") from None
+        # Snapshots never attached to a job belong to submissions that died with
+        # the previous run; nobody can name them any more.
+        for name in os.listdir(self._pending_dir):
+            _unlink(os.path.join(self._pending_dir, name))
+        buf = bytearray(IO_BUFFER)
+        for job in sorted(os.listdir(self._jobs_dir)):
+            jdir = os.path.join(self._jobs_dir, job)
+            if not _JOB_RE.match(job) or not os.path.isdir(jdir):
+                continue
+            for name in sorted(os.listdir(jdir)):
+                path = os.path.join(jdir, name)
+                try:
+                    if name.startswith("src-") and name.endswith(".json"):
+                        self._load_source(job, path, buf)
+                    elif name.startswith("stage-") and name.endswith(".json"):
+                        self._load_staging(job, path, buf)
+                    elif ".json.tmp" in name:
+                        _unlink(path)
+                except (OSError, ValueError, KeyError, TypeError) as e:
+                    log.warning("dropping unreadable record %s: %s", path, e)
+                    _unlink(path)
+            # A job with nothing left is just an empty directory.
+            if not any(k[0] == job for k in self._sources) and \
+                    not any(k[0] == job for k in self._stagings):
+                shutil.rmtree(jdir, ignore_errors=True)
+
+    def close(self) -> None:
+        """Close every cached fd (the files stay on disk)."""
+        with self._lock:
+            for src in self._sources.values():
+                _close(src.fd)
+            for st in self._stagings.values():
+                st._close()
+            self._sources.clear()
+            self._stagings.clear()
+
+    def _load_source(self, job: str, meta_path: str, buf: bytearray) -> None:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        file = int(meta["file"])
+        data_path = meta_path[:-len(".json")] + ".data"
+        fd = os.open(data_path, os.O_RDONLY | _O_CLOEXEC | _O_NOFOLLOW)
+        src = _Source(job=job, file=file, src_path=meta["path"], data_path=data_path,
+                      size=int(meta["size"]), xxh3=meta["xxh3"],
+                      chunk_size=int(meta["chunk_size"]), chunks=list(meta["chunks"]), fd=fd)
+        if os.fstat(fd).st_size != src.size:
+            log.warning("snapshot %s has the wrong size; dropping it", data_path)
+            os.close(fd)
+            _unlink(data_path)
+            _unlink(meta_path)
+            return
+        for i, want in enumerate(src.chunks):
+            off, length = chunk_span(src.size, src.chunk_size, i)
+            if hash_range(fd, off, length, buf) == want:
+                src.valid.add(i)
+        self._sources[(job, file)] = src
+
+    def _load_staging(self, job: str, meta_path: str, buf: bytearray) -> None:
+        with open(meta_path, encoding="utf-8") as f:
+            m = json.load(f)
+        file = int(m["file"])
+        size, chunk_size = int(m["size"]), int(m["chunk_size"])
+        packed = bool(m.get("packed"))
+        log_path = meta_path[:-len(".json")] + ".chunks"
+        claimed: dict[int, str] = {int(k): v for k, v in m.get("chunks", {}).items()}
+        path = m["final_path"] if packed else m["temp_path"]
+        try:
+            flags = (os.O_RDONLY if packed else os.O_RDWR) | _O_CLOEXEC | _O_NOFOLLOW
+            fd = os.open(path, flags | os.O_NONBLOCK)
+        except OSError as e:
+            # The temp file vanished (or the installed file was replaced by
+            # something we must not follow): nothing left to offer.  The center
+            # re-sends the pull, which opens a fresh staging.
+            log.info("staging %s of job %s file %d is gone (%s); forgetting it", path, job,
+                     file, e.strerror)
+            _unlink(meta_path)
+            _unlink(log_path)
+            return
+        st_ = os.fstat(fd)
+        if not stat.S_ISREG(st_.st_mode) or st_.st_size != size:
+            os.close(fd)
+            _unlink(meta_path)
+            _unlink(log_path)
+            return
+        if not packed:
+            try:
+                with open(log_path, encoding="ascii", errors="replace") as f:
+                    for line in f:
+                        parts = line.split()
+                        # A torn last line (crash mid-append) is just ignored.
+                        if len(parts) == 2 and parts[0].isdigit() and _HEX_RE.match(parts[1]):
+                            claimed[int(parts[0])] = parts[1]
+            except FileNotFoundError:
+                pass
+        st = Staging(self, job=job, file=file, dest=m["dest"], final_path=m["final_path"],
+                     temp_path=m["temp_path"], size=size, xxh3=m["xxh3"],
+                     chunk_size=chunk_size, write_fd=fd, log_fd=-1,
+                     created_dirs=list(m.get("created_dirs", [])))
+        st.packed = packed
+        n = st.nchunks
+        for c, want in claimed.items():
+            if 0 <= c < n:
+                off, length = st.span(c)
+                if hash_range(fd, off, length, buf) == want:
+                    st.verified[c] = want
+                else:
+                    log.info("job %s file %d chunk %d no longer matches its hash on disk; "
+                             "it will be fetched again", job, file, c)
+        # Rewrite the records compactly so the log only lists what survived.
+        _atomic_json(meta_path, st._manifest())
+        if not packed:
+            st._log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+                                 | _O_CLOEXEC, 0o600)
+        else:
+            _unlink(log_path)
+        self._stagings[(job, file)] = st
+
+    # --- source side ------------------------------------------------------------------
+
+    def snapshot(self, src_path: str, chunk_size: int) -> Snapshot:
+        """Copy ``src_path`` into the store, hashing every chunk and the whole (blocking).
+
+        One pass over the source through one buffer: the bytes hashed are
+        exactly the bytes copied, so a concurrent edit of the source can only
+        change what the snapshot contains, never make it disagree with its own
+        hashes.  Later edits do not reach the copy at all.
+        """
+        if chunk_size <= 0:
+            raise BadRequest("chunk size must be positive")
+        if not isinstance(src_path, str) or not os.path.isabs(src_path):
+            raise BadRequest(f"{src_path!r} is not an absolute path: name files by their "
+                             "full path, e.g. /srv/data/file.bin")
+        try:
+            # O_NONBLOCK: opening a fifo must not wait for a writer; fstat then
+            # refuses it along with directories and devices.
+            fd = os.open(src_path, os.O_RDONLY | os.O_NONBLOCK | _O_CLOEXEC)
+        except FileNotFoundError:
+            raise BadRequest(f"{src_path}: no such file; check the path") from None
+        except PermissionError:
+            raise BadRequest(f"{src_path}: permission denied; make the file readable by the "
+                             "daemon's user") from None
+        except OSError as e:
+            raise BadRequest(f"{src_path}: cannot open it ({e.strerror}); check the path and "
+                             "its permissions") from None
+        key = secrets.token_hex(8)
+        copy = os.path.join(self._pending_dir, key + ".data")
+        out = -1
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise BadRequest(f"{src_path} is {_kind(st.st_mode)}, not a regular file: "
+                                 "only regular files can be shipped")
+            try:
+                out = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o600)
+            except OSError as e:
+                raise LocalIOError(f"cannot create a snapshot in {self._pending_dir}: "
+                                   f"{e.strerror}; check --data-dir") from None
+            size, whole, chunks = self._copy_hashing(fd, out, st.st_size, chunk_size,
+                                                     src_path)
+        except BaseException:
+            _close(out)
+            _unlink(copy)
+            raise
+        finally:
+            os.close(fd)
+        os.close(out)
+        snap = Snapshot(key=key, path=os.path.normpath(src_path), size=size, xxh3=whole,
+                        chunks=chunks, chunk_size=chunk_size, copy_path=copy)
+        try:
+            _atomic_json(os.path.join(self._pending_dir, key + ".json"),
+                         {"path": snap.path, "size": size, "xxh3": whole,
+                          "chunk_size": chunk_size, "chunks": chunks})
+        except OSError as e:
+            _unlink(copy)
+            raise LocalIOError(f"cannot record a snapshot in {self._pending_dir}: "
+                               f"{e.strerror}; check --data-dir") from None
+        with self._lock:
+            self._pending[key] = snap
+        return snap
+
+    def _copy_hashing(self, src: int, out: int, limit: int, chunk_size: int,
+                      src_path: str) -> tuple[int, str, list[str]]:
+        buf = bytearray(IO_BUFFER)
+        mv = memoryview(buf)
+        whole = xxhash.xxh3_64()
+        part = xxhash.xxh3_64()
+        chunks: list[str] = []
+        pos = fill = 0
+        # Read at most the size seen at open: a file that keeps growing (a log)
+        # is snapshotted as it was, not chased forever.
+        while pos < limit:
+            want = min(len(mv), limit - pos, chunk_size - fill)
+            try:
+                n = os.readv(src, [mv[:want]])
+            except OSError as e:
+                raise BadRequest(f"{src_path}: read failed at byte {pos} ({e.strerror}); "
+                                 "check the disk holding it") from None
+            if n == 0:
+                break  # truncated while we read: the snapshot is what was there
+            data = mv[:n]
+            whole.update(data)
+            part.update(data)
+            try:
+                _write_all(out, data)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise LocalIOError(
+                        f"disk full in {self.data_dir} while snapshotting {src_path}: "
+                        f"{_mib(free_space(self.data_dir))} free, {_mib(limit)} needed; "
+                        "free space under --data-dir") from None
+                raise LocalIOError(f"cannot write a snapshot in {self.data_dir}: "
+                                   f"{e.strerror}") from None
+            pos += n
+            fill += n
+            if fill == chunk_size:
+                chunks.append(part.hexdigest())
+                part.reset()
+                fill = 0
+        if fill:
+            chunks.append(part.hexdigest())
+        return pos, whole.hexdigest(), chunks
+
+    def commit_snapshots(self, job: str, keys: list[str]) -> None:
+        """Attach pending snapshots to ``job`` as files 0..n-1 (renames, never copies)."""
+        check_job_id(job)
+        with self._lock:
+            snaps = []
+            for k in keys:
+                if k not in self._pending:
+                    raise NotFound(f"snapshot {k!r} is unknown (already committed, discarded, "
+                                   "or lost in a restart): submit the job again")
+                snaps.append(self._pending[k])
+            jdir = os.path.join(self._jobs_dir, job)
+            os.makedirs(jdir, mode=0o700, exist_ok=True)
+            for i, snap in enumerate(snaps):
+                if (job, i) in self._sources:
+                    raise Conflict(f"job {job} already has a source file {i}")
+            for i, snap in enumerate(snaps):
+                base = os.path.join(jdir, f"src-{i}")
+                os.rename(snap.copy_path, base + ".data")
+                _atomic_json(base + ".json", {"job": job, "file": i, "path": snap.path,
+                                              "size": snap.size, "xxh3": snap.xxh3,
+                                              "chunk_size": snap.chunk_size,
+                                              "chunks": snap.chunks})
+                _unlink(os.path.join(self._pending_dir, snap.key + ".json"))
+                fd = os.open(base + ".data", os.O_RDONLY | _O_CLOEXEC)
+                self._sources[(job, i)] = _Source(
+                    job=job, file=i, src_path=snap.path, data_path=base + ".data",
+                    size=snap.size, xxh3=snap.xxh3, chunk_size=snap.chunk_size,
+                    chunks=list(snap.chunks), fd=fd, valid=set(range(len(snap.chunks))))
+                del self._pending[snap.key]
+
+    def discard_snapshot(self, key: str) -> None:
+        """Forget a pending snapshot (the submission was refused); unknown keys are ignored."""
+        with self._lock:
+            snap = self._pending.pop(key, None)
+        if snap is not None:
+            _unlink(snap.copy_path)
+            _unlink(os.path.join(self._pending_dir, key + ".json"))
+
+    def source(self, job: str, file: int) -> Snapshot | None:
+        """The committed snapshot of ``file`` of ``job``, if this daemon is its source."""
+        with self._lock:
+            s = self._sources.get((job, file))
+            if s is None:
+                return None
+            return Snapshot(key="", path=s.src_path, size=s.size, xxh3=s.xxh3,
+                            chunks=list(s.chunks), chunk_size=s.chunk_size,
+                            copy_path=s.data_path)
+
+    # --- target side -------------------------------------------------------------------
+
+    def final_path(self, dest: str) -> str:
+        """Where ``dest`` lands on this machine: ``root + dest``, refusing '..' escapes."""
+        if not isinstance(dest, str) or not dest.startswith("/"):
+            raise BadRequest(f"destination {dest!r} must be an absolute path")
+        if "\0" in dest or any(p == ".." for p in dest.split("/")):
+            raise BadRequest(f"destination {dest!r} must not contain '..' or NUL bytes")
+        norm = os.path.normpath(dest)
+        if dest.endswith("/") or norm == "/":
+            raise BadRequest(f"destination {dest!r} names a directory; give a file path")
+        if self.root == "/":
+            return norm
+        return os.path.join(self.root, norm.lstrip("/"))
+
+    def staging(self, job: str, file: int) -> Staging | None:
+        with self._lock:
+            return self._stagings.get((job, file))
+
+    def open_staging(self, job: str, file: int, dest: str, size: int, xxh3: str,
+                     chunk_size: int) -> Staging:
+        """Create (or return the existing) temporary file for ``file`` of ``job``.
+
+        The temp file sits beside the final path so the install is a rename
+        within one directory.  It is created exclusively and without following
+        symlinks, and space is reserved up front so a full disk shows now, as
+        one clear error, rather than as a failed write halfway through.
+        """
+        check_job_id(job)
+        if file < 0 or size < 0 or chunk_size <= 0:
+            raise BadRequest("file index, size and chunk size must not be negative")
+        if not _HEX_RE.match(xxh3 or ""):
+            raise BadRequest(f"xxh3 {xxh3!r} must be 16 lowercase hex digits")
+        final = self.final_path(dest)
+        with self._lock:
+            have = self._stagings.get((job, file))
+            if have is not None:
+                if (have.dest, have.size, have.xxh3, have.chunk_size) != \
+                        (dest, size, xxh3, chunk_size):
+                    raise Conflict(f"job {job} file {file} is already staged for {have.dest} "
+                                   f"({have.size} bytes, {have.xxh3}); the new request differs")
+                return have
+            return self._create_staging(job, file, dest, final, size, xxh3, chunk_size)
+
+    def _create_staging(self, job: str, file: int, dest: str, final: str, size: int,
+                        xxh3: str, chunk_size: int) -> Staging:
+        parent, base = os.path.split(final)
+        created = self._make_parents(parent, final)
+        try:
+            fst = os.lstat(final)
+        except FileNotFoundError:
+            fst = None
+        except OSError as e:
+            raise LocalIOError(f"cannot inspect {final}: {e.strerror}") from None
+        if fst is not None and stat.S_ISDIR(fst.st_mode):
+            raise LocalIOError(f"destination {final} is a directory; remove it or choose "
+                               "another --dest")
+        free = free_space(parent)
+        if free < size:
+            raise LocalIOError(f"disk full: {_mib(free)} free, {_mib(size)} needed for {final}; "
+                               "free space or choose another --dest")
+        # NAME_MAX is 255 bytes: keep the temp name inside it for long file names.
+        temp = os.path.join(parent, f".{base[:120]}.fdship-{job}-{file}.part")
+        fd = self._create_exclusive(temp, final)
+        try:
+            if fst is not None and stat.S_ISREG(fst.st_mode):
+                # Replacing a file keeps its mode (and owner, when we may set it),
+                # as an in-place edit would.
+                os.fchmod(fd, stat.S_IMODE(fst.st_mode))
+                if os.geteuid() == 0:
+                    os.fchown(fd, fst.st_uid, fst.st_gid)
+            if size:
+                os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            os.close(fd)
+            _unlink(temp)
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise LocalIOError(f"disk full: {_mib(free_space(parent))} free, "
+                                   f"{_mib(size)} needed for {final}; free space or choose "
+                                   "another --dest") from None
+            raise LocalIOError(f"cannot reserve {_mib(size)} for {final}: {e.strerror}") \
+                from None
+        jdir = os.path.join(self._jobs_dir, job)
+        meta = os.path.join(jdir, f"stage-{file}.json")
+        try:
+            os.makedirs(jdir, mode=0o700, exist_ok=True)
+            log_fd = os.open(meta[:-len(".json")] + ".chunks",
+                             os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | _O_CLOEXEC,
+                             0o600)
+        except OSError as e:
+            os.close(fd)
+            _unlink(temp)
+            raise LocalIOError(f"cannot write staging records under {self.data_dir}: "
+                               f"{e.strerror}; check --data-dir") from None
+        st = Staging(self, job=job, file=file, dest=dest, final_path=final, temp_path=temp,
+                     size=size, xxh3=xxh3, chunk_size=chunk_size, write_fd=fd, log_fd=log_fd,
+                     created_dirs=created)
+        try:
+            _atomic_json(meta, st._manifest())
+        except OSError as e:
+            st._close()
+            _unlink(temp)
+            raise LocalIOError(f"cannot write staging records under {self.data_dir}: "
+                               f"{e.strerror}; check --data-dir") from None
+        self._stagings[(job, file)] = st
+        return st
+
+    def _make_parents(self, parent: str, final: str) -> list[str]:
+        """Create missing directories above ``final``; return the ones created."""
+        missing: list[str] = []
+        p = parent
+        while not os.path.lexists(p):
+            missing.append(p)
+            p = os.path.dirname(p)
+        if os.path.lexists(p) and not os.path.isdir(p):
+            raise LocalIOError(f"cannot create {final}: {p} exists and is not a directory; "
+                               "remove it or choose another --dest")
+        created: list[str] = []
+        for d in reversed(missing):
+            try:
+                os.mkdir(d, 0o755)
+                created.append(d)
+            except FileExistsError:
+                if not os.path.isdir(d):
+                    raise LocalIOError(f"cannot create {final}: {d} exists and is not a "
+                                       "directory; remove it or choose another --dest") from None
+            except OSError as e:
+                raise self._local_error(e, d, final) from None
+        return created
+
+    def _create_exclusive(self, temp: str, final: str) -> int:
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC
+        for _ in range(2):
+            try:
+                return os.open(temp, flags, 0o644)
+            except FileExistsError:
+                # A leftover from a run that died before recording it, or a
+                # planted link: never write through it, remove and recreate.
+                if os.path.isdir(temp) and not os.path.islink(temp):
+                    raise LocalIOError(f"{temp} is a directory in the way of staging {final}; "
+                                       "remove it") from None
+                try:
+                    os.unlink(temp)
+                except OSError as e:
+                    raise self._local_error(e, temp, final) from None
+            except OSError as e:
+                raise self._local_error(e, temp, final) from None
+        raise LocalIOError(f"cannot create {temp}: something keeps recreating it")
+
+    @staticmethod
+    def _local_error(e: OSError, path: str, final: str) -> LocalIOError:
+        d = os.path.dirname(path)
+        if e.errno in (errno.EACCES, errno.EPERM):
+            return LocalIOError(f"permission denied writing {path}: the daemon cannot write "
+                                f"to {d}; fix its permissions or choose another --dest")
+        if e.errno == errno.EROFS:
+            return LocalIOError(f"cannot write {path}: {d} is on a read-only file system; "
+                                "choose another --dest")
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return LocalIOError(f"disk full creating {path}: {_mib(free_space(d))} free; "
+                                "free space or choose another --dest")
+        if e.errno == errno.ENOTDIR:
+            return LocalIOError(f"cannot create {final}: a parent of it is not a directory; "
+                                "remove it or choose another --dest")
+        if e.errno == errno.ELOOP:
+            return LocalIOError(f"refusing to write through the symbolic link {path}")
+        return LocalIOError(f"cannot write {path}: {e.strerror}")
+
+    # --- install ---------------------------------------------------------------------------
+
+    def pack(self, job: str, file: int, dest: str | None = None) -> PackResult:
+        """Verify file ``file`` of ``job``, make it durable and rename it into place (blocking).
+
+        With a staging file: its whole xxh3 is checked against the expected
+        one.  On a mismatch nothing at the final path is touched, the chunk
+        records are reset so the center refetches, and IntegrityError is raised.
+
+        Without one, but with this daemon's own snapshot of the file (the
+        source is also a target), the snapshot is copied in the kernel beside
+        the final path and installed the same way; ``dest`` then defaults to the
+        snapshot's source path.
+        """
+        t0 = time.monotonic()
+        with self._lock:
+            st = self._stagings.get((job, file))
+            src = self._sources.get((job, file))
+        if st is None and src is None:
+            raise NotFound(f"job {job} file {file} has no staging file and no snapshot here; "
+                           "it cannot be packed before it is pulled")
+        if st is not None and st.packed:
+            return PackResult(job, file, st.final_path, st.size, st.xxh3,
+                              time.monotonic() - t0, already=True)
+        use_snapshot = src is not None and len(src.valid) == len(src.chunks) and \
+            (st is None or not st.complete())
+        if st is None:
+            assert src is not None
+            st = self.open_staging(job, file, dest or src.src_path, src.size, src.xxh3,
+                                   src.chunk_size)
+        # Our own reference to the open file: drop_job() closing the cached fd
+        # mid-pack must not let a recycled fd number receive the fsync.
+        fd = os.dup(st.write_fd)
+        try:
+            if use_snapshot:
+                assert src is not None
+                self._kernel_copy(src.fd, fd, src.size, st.final_path)
+            got, chunk_hashes = self._hash_file(fd, st.size, st.chunk_size)
+            if got != st.xxh3:
+                st._reset_chunks()
+                raise IntegrityError(
+                    f"job {job} file {file} ({st.final_path}) hashed to {got}, expected "
+                    f"{st.xxh3}; nothing was installed and its chunks will be fetched again")
+            try:
+                os.fsync(fd)
+                fst = os.lstat(st.final_path) if os.path.lexists(st.final_path) else None
+                if fst is not None and stat.S_ISDIR(fst.st_mode):
+                    raise LocalIOError(f"destination {st.final_path} is a directory; remove "
+                                       "it or choose another --dest")
+                os.rename(st.temp_path, st.final_path)
+                _fsync_dir(os.path.dirname(st.final_path))
+                # Directories we created must survive a crash too, or the file
+                # we just made durable would be unreachable.
+                for d in st.created_dirs:
+                    _fsync_dir(os.path.dirname(d))
+            except LocalIOError:
+                raise
+            except OSError as e:
+                raise self._local_error(e, st.final_path, st.final_path) from None
+        finally:
+            os.close(fd)
+        with self._lock:
+            st.packed = True
+            st.verified = dict(enumerate(chunk_hashes))
+            _close(st._log_fd)
+            st._log_fd = -1
+            meta = os.path.join(self._jobs_dir, job, f"stage-{file}.json")
+            try:
+                _atomic_json(meta, st._manifest())
+                _unlink(meta[:-len(".json")] + ".chunks")
+            except OSError as e:
+                log.warning("cannot record that job %s file %d was packed: %s", job, file, e)
+        return PackResult(job, file, st.final_path, st.size, st.xxh3, time.monotonic() - t0,
+                          from_snapshot=use_snapshot)
+
+    @staticmethod
+    def _kernel_copy(src: int, dst: int, size: int, final: str) -> None:
+        """Copy ``size`` bytes between fds inside the kernel (no bytes through Python)."""
+        pos = 0
+        try:
+            while pos < size:
+                try:
+                    n = os.copy_file_range(src, dst, size - pos, pos, pos)
+                except OSError as e:
+                    if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL,
+                                       errno.EOPNOTSUPP):
+                        raise
+                    # Older kernels refuse cross-file-system copies; sendfile
+                    # writes at the destination's file position instead.
+                    os.lseek(dst, pos, os.SEEK_SET)
+                    n = os.sendfile(dst, src, pos, size - pos)
+                if n == 0:
+                    raise LocalIOError(f"snapshot ended early while copying to {final}")
+                pos += n
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise LocalIOError(f"disk full writing {final}: "
+                                   f"{_mib(free_space(os.path.dirname(final)))} free") from None
+            raise LocalIOError(f"cannot copy the snapshot to {final}: {e.strerror}") from None
+
+    @staticmethod
+    def _hash_file(fd: int, size: int, chunk_size: int) -> tuple[str, list[str]]:
+        """Whole-file and per-chunk xxh3 in one streaming pass."""
+        mv = memoryview(bytearray(IO_BUFFER))
+        whole = xxhash.xxh3_64()
+        part = xxhash.xxh3_64()
+        chunks: list[str] = []
+        pos = fill = 0
+        while pos < size:
+            want = min(len(mv), size - pos, chunk_size - fill)
+            n = os.preadv(fd, [mv[:want]], pos)
+            if n == 0:
+                break
+            whole.update(mv[:n])
+            part.update(mv[:n])
+            pos += n
+            fill += n
+            if fill == chunk_size:
+                chunks.append(part.hexdigest())
+                part.reset()
+                fill = 0
+        if fill:
+            chunks.append(part.hexdigest())
+        if os.fstat(fd).st_size != size:
+            return "size-mismatch", chunks
+        return whole.hexdigest(), chunks
+
+    # --- serving and bookkeeping ---------------------------------------------------------
+
+    def chunk_source(self, job: str, file: int, chunk: int) -> tuple[int, int, int] | None:
+        """(fd, offset, length) of a chunk held verified here, else None.
+
+        The fd is cached and owned by the store: a caller that needs it beyond
+        the current event-loop step should ``os.dup`` it, because
+        :meth:`drop_job` closes it.
+        """
+        with self._lock:
+            src = self._sources.get((job, file))
+            if src is not None and chunk in src.valid:
+                off, length = chunk_span(src.size, src.chunk_size, chunk)
+                return src.fd, off, length
+            st = self._stagings.get((job, file))
+            if st is not None and chunk in st.verified and st.write_fd >= 0:
+                off, length = st.span(chunk)
+                return st.write_fd, off, length
+        return None
+
+    def inventory(self) -> list[Holding]:
+        """What this daemon holds verified, per job file."""
+        with self._lock:
+            keys = sorted(set(self._sources) | set(self._stagings))
+            out = []
+            for key in keys:
+                src = self._sources.get(key)
+                st = self._stagings.get(key)
+                chunks = set(src.valid) if src is not None else set()
+                if st is not None:
+                    chunks |= set(st.verified)
+                out.append(Holding(job=key[0], file=key[1], chunks=tuple(sorted(chunks)),
+                                   packed=bool(st is not None and st.packed)))
+            return out
+
+    def jobs(self) -> set[str]:
+        with self._lock:
+            return {k[0] for k in self._sources} | {k[0] for k in self._stagings}
+
+    def drop_job(self, job: str) -> None:
+        """Forget ``job``: close its fds, delete its temp files, snapshots and records.
+
+        Installed files stay where they are; only our handle on them goes.
+        """
+        with self._lock:
+            srcs = [k for k in self._sources if k[0] == job]
+            stgs = [k for k in self._stagings if k[0] == job]
+            for k in srcs:
+                _close(self._sources.pop(k).fd)
+            for k in stgs:
+                st = self._stagings.pop(k)
+                st._close()
+                if not st.packed:
+                    _unlink(st.temp_path)
+        if _JOB_RE.match(job):
+            shutil.rmtree(os.path.join(self._jobs_dir, job), ignore_errors=True)
