@@ -1,0 +1,287 @@
+"""``fdship-tui``: the Textual app that follows a center live, and its ``main()``.
+
+The app owns three things: the data source (:mod:`tui.source`, injected, so
+tests and screenshots run on fixtures), the folded state
+(:class:`tui.view.ClusterView`) and the connection status.  One exclusive
+worker follows the source and posts each update to the app as a message; the
+app folds it into the view and redraws the screen in front.
+
+Redraws are coalesced: a job of 50 machines can produce hundreds of events a
+second and a person reads a screen a few times a second at most, so the app
+redraws at once after a quiet spell and otherwise at most every
+``redraw_interval`` seconds.  That keeps the monitor's CPU small on a busy
+center without adding visible delay.
+
+Keys: ``j`` jobs, ``h`` hosts, ``enter`` open a job, ``f`` failures only,
+``escape`` back, ``q`` quit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import tomllib
+from typing import Any, Callable
+
+from textual import work
+from textual.app import App
+from textual.binding import Binding
+from textual.message import Message
+from textual.reactive import reactive
+
+from fdship.config import read_token
+from fdship.errors import FdshipError
+from tui.screens import HostsScreen, JobScreen, JobsScreen, MonitorScreen
+from tui.source import CONNECTING, RECONNECTING, DataSource, Event, HTTPSource, Snapshot, \
+    Status, Update
+from tui.view import Changes, ClusterView
+
+DEFAULT_CENTER = "http://127.0.0.1:7070"
+
+
+class SourceUpdate(Message):
+    """Worker -> app: one update from the data source."""
+
+    def __init__(self, update: Update) -> None:
+        super().__init__()
+        self.update = update
+
+
+class JobLoaded(Message):
+    """Worker -> app: a job's full machine table arrived (or could not be had)."""
+
+    def __init__(self, job_id: str, detail: dict[str, Any] | None, error: str = "") -> None:
+        super().__init__()
+        self.job_id = job_id
+        self.detail = detail
+        self.error = error
+
+
+class MonitorApp(App[None]):
+    """Follows one :class:`~tui.source.DataSource` and shows jobs, machines and hosts."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "fdship"
+    MODES = {"jobs": JobsScreen, "hosts": HostsScreen}
+    DEFAULT_MODE = "jobs"
+    BINDINGS = [
+        Binding("j", "show_jobs", "Jobs"),
+        Binding("h", "show_hosts", "Hosts"),
+        Binding("f", "toggle_failures", "Failures"),
+        Binding("q", "quit", "Quit"),
+    ]
+    # The palette's fuzzy finder is no use here and its key would clutter the footer.
+    ENABLE_COMMAND_PALETTE = False
+
+    failures_only: reactive[bool] = reactive(False)
+
+    def __init__(self, source: DataSource, *, clock: Callable[[], float] = time.time,
+                 redraw_interval: float = 0.1, tick: float = 1.0) -> None:
+        super().__init__()
+        self.source = source
+        self.clock = clock
+        self.redraw_interval = redraw_interval
+        self.tick = tick
+        self.view = ClusterView()
+        self.status = Status(CONNECTING)
+        self.status_at = clock()
+        self.title = f"fdship · {source.description}"
+        self._pending = Changes()
+        self._redraw_scheduled = False
+        self._last_redraw = 0.0
+        # For tests and the latency benchmark: perf_counter of the last redraw
+        # and of the newest event it showed.
+        self.redraws = 0
+        self.last_redraw_at = 0.0
+        self.last_event_received = 0.0
+        self._newest_event = 0.0
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def on_mount(self) -> None:
+        self.follow_source()
+        if self.tick > 0:
+            # Ages and the reconnect countdown move with the clock, not with events.
+            self.set_interval(self.tick, self._on_tick)
+
+    async def on_unmount(self) -> None:
+        await self.source.close()
+
+    @work(exclusive=True, group="source")
+    async def follow_source(self) -> None:
+        """The one worker that follows the source; it only posts messages."""
+        async for update in self.source.updates():
+            self.post_message(SourceUpdate(update))
+
+    @work(exclusive=True, group="job")
+    async def load_job(self, job_id: str) -> None:
+        try:
+            detail = await self.source.job(job_id)
+        except FdshipError as e:
+            self.post_message(JobLoaded(job_id, None, e.message))
+            return
+        self.post_message(JobLoaded(job_id, detail))
+
+    # -- messages up --------------------------------------------------------------------
+
+    def on_source_update(self, message: SourceUpdate) -> None:
+        u = message.update
+        if isinstance(u, Event):
+            changes = self.view.apply(u.kind, u.data)
+            self._newest_event = max(self._newest_event, u.received)
+            self._changed(changes)
+        elif isinstance(u, Snapshot):
+            self._changed(self.view.load_snapshot(u.jobs, u.hosts))
+            # Machine events may have been missed while disconnected: re-read
+            # the job on screen in full.
+            screen = self.screen
+            if isinstance(screen, JobScreen):
+                self.load_job(screen.job_id)
+        elif isinstance(u, Status):
+            self.status = u
+            self.status_at = self.clock()
+            self._update_status()
+
+    def on_job_loaded(self, message: JobLoaded) -> None:
+        for screen in self.screen_stack:
+            if isinstance(screen, JobScreen) and screen.job_id == message.job_id:
+                screen.loading_error = message.error
+        if message.detail is not None:
+            self._changed(self.view.load_job(message.detail))
+        else:
+            self._changed(Changes(job_ids={message.job_id}))
+
+    # -- attributes down ---------------------------------------------------------------
+
+    def _changed(self, changes: Changes) -> None:
+        self._pending.merge(changes)
+        if self._redraw_scheduled:
+            return
+        self._redraw_scheduled = True
+        wait = self._last_redraw + self.redraw_interval - time.perf_counter()
+        if wait <= 0:
+            self.call_later(self._flush)
+        else:
+            self.set_timer(wait, self._flush)
+
+    def _flush(self) -> None:
+        self._redraw_scheduled = False
+        changes, self._pending = self._pending, Changes()
+        screen = self.screen
+        if isinstance(screen, MonitorScreen) and screen.wants(changes):
+            self._redraw(screen)
+        self._update_status()
+
+    def _redraw(self, screen: MonitorScreen) -> None:
+        if not screen.is_mounted:
+            return
+        screen.redraw(self.view, self.clock(), self.failures_only)
+        self._last_redraw = time.perf_counter()
+        self.redraws += 1
+        self.last_redraw_at = self._last_redraw
+        self.last_event_received = self._newest_event
+
+    def redraw_now(self) -> None:
+        """Redraw the screen in front in full (after switching screens or filters)."""
+        screen = self.screen
+        if isinstance(screen, MonitorScreen):
+            self._redraw(screen)
+        self._update_status()
+
+    def _update_status(self) -> None:
+        from tui.widgets import StatusLine
+
+        left = None
+        if self.status.state == RECONNECTING and self.status.retry_in is not None:
+            left = self.status.retry_in - (self.clock() - self.status_at)
+        for line in self.screen.query(StatusLine):
+            line.show(self.status, left, self.view.totals(), self.failures_only)
+
+    def _on_tick(self) -> None:
+        self.redraw_now()
+
+    def watch_failures_only(self) -> None:
+        self.redraw_now()
+
+    # -- actions ------------------------------------------------------------------------
+
+    def open_job(self, job_id: str) -> None:
+        self.push_screen(JobScreen(job_id))
+        if not self.view.has_detail(job_id):
+            self.load_job(job_id)
+        else:
+            # Shown at once from what we hold; refreshed in full behind it.
+            self.call_later(self.redraw_now)
+            self.load_job(job_id)
+
+    def action_show_jobs(self) -> None:
+        if self.current_mode != "jobs":
+            self.switch_mode("jobs")
+        while len(self.screen_stack) > 1:
+            self.pop_screen()
+
+    def action_show_hosts(self) -> None:
+        self.switch_mode("hosts")
+
+    def action_toggle_failures(self) -> None:
+        self.failures_only = not self.failures_only
+
+
+# --- command line ----------------------------------------------------------------------
+
+
+def _config_file(path: str) -> dict[str, Any]:
+    """Read ``center`` and ``token_file`` from an fdship TOML config (e.g. the daemon's)."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as e:
+        raise FdshipError(f"cannot read config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise FdshipError(f"config file {path} is not valid TOML: {e}") from None
+    out = {}
+    for key in ("center", "token_file"):
+        v = data.get(key, data.get(key.replace("_", "-")))
+        if v is not None:
+            if not isinstance(v, str):
+                raise FdshipError(f"config file {path}: {key} must be a string")
+            out[key] = v
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[str, str]:
+    """Flags -> (center URL, token).  Flag beats $FDSHIP_CENTER beats config beats default."""
+    parser = argparse.ArgumentParser(
+        prog="fdship-tui",
+        description="Follow an fdship center live: jobs, each job's machines, hosts.  "
+                    "Keys: j jobs, h hosts, enter open job, f failures only, escape back, "
+                    "q quit.")
+    parser.add_argument("--center", default=None,
+                        help=f"URL of the center (default $FDSHIP_CENTER, else {DEFAULT_CENTER})")
+    parser.add_argument("--token-file", default=None,
+                        help="file holding the shared token ($FDSHIP_TOKEN beats it)")
+    parser.add_argument("--config", default=None,
+                        help="an fdship TOML config to take center and token_file from")
+    args = parser.parse_args(argv)
+    conf = _config_file(args.config) if args.config else {}
+    center = (args.center or os.environ.get("FDSHIP_CENTER") or conf.get("center")
+              or DEFAULT_CENTER)
+    token_file = args.token_file or conf.get("token_file", "")
+    return center, read_token(token_file)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        center, token = parse_args(argv)
+        source = HTTPSource(center, token)
+    except FdshipError as e:
+        print(f"fdship-tui: {e}", file=sys.stderr)
+        return 2
+    MonitorApp(source).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The Hosts screen: every daemon, dead ones first, with live load and NIC history.
+
+The NET column is a sparkline of transmit + receive rate over the last
+heartbeats (a bounded ring buffer per host in :class:`tui.view.HostHistory`),
+so a host that stopped moving bytes mid-job is visible at a glance.
+"""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.widgets import DataTable, Static
+
+from tui.screens.base import MonitorScreen, style_of
+from tui.view import FAIL, ClusterView, Changes, HostRow, ellipsize, human_bytes
+from tui.widgets.table import Cell, Column, RowTable
+
+SPARK = 12
+COLUMNS = [
+    Column("name", "HOST", 14),
+    Column("state", "UP", 4),
+    Column("cpu", "CPU", 4, right=True),
+    Column("tx", "TX/s", 6, right=True),
+    Column("rx", "RX/s", 6, right=True),
+    Column("net", "NET", SPARK),
+    Column("free", "FREE", 7, right=True),
+    Column("io", "I/O", 7),
+]
+
+
+class HostsScreen(MonitorScreen):
+    BINDINGS = [Binding("escape", "app.show_jobs", "Back", show=False)]
+
+    def compose(self) -> ComposeResult:
+        yield self.compose_header()
+        yield Static(id="summary", classes="summary")
+        yield RowTable(COLUMNS, id="hosts")
+        yield Static(id="host-detail", classes="detail")
+        yield self.compose_status()
+        yield self.compose_footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = "Hosts"
+
+    def wants(self, changes: Changes) -> bool:
+        return changes.hosts
+
+    def redraw(self, view: ClusterView, now: float, failures: bool) -> None:
+        rows = view.host_rows(now, failures, spark_width=SPARK)
+        self._rows = {r.name: r for r in rows}
+        self._hosts = view.hosts
+        self.query_one("#hosts", RowTable).set_rows([(r.name, [
+            Cell(ellipsize(r.name, 14), "bold red" if r.severity == FAIL else ""),
+            Cell(r.status, style_of(r.severity)),
+            Cell(r.cpu),
+            Cell(r.tx),
+            Cell(r.rx),
+            Cell(r.spark, "cyan"),
+            Cell(r.free),
+            Cell(r.inflight),
+        ]) for r in rows])
+        t = view.totals()
+        self.query_one("#summary", Static).update(
+            f"{t['hosts']} hosts · {t['alive']} up · {t['dead']} dead"
+            + (" · dead hosts only" if failures else ""))
+        self._show_detail(self.query_one("#hosts", RowTable).selected_key())
+
+    def _show_detail(self, key: str | None) -> None:
+        panel = self.query_one("#host-detail", Static)
+        row: HostRow | None = getattr(self, "_rows", {}).get(key) if key else None
+        if row is None:
+            panel.update("no hosts reported yet" if not getattr(self, "_rows", None) else "")
+            return
+        text = Text()
+        text.append(row.name, style="bold")
+        text.append(f"  {row.address}  ")
+        text.append(row.status, style=style_of(row.severity))
+        text.append(f"  last heartbeat {row.heartbeat} ago")
+        if row.labels:
+            text.append(f"  labels {row.labels}")
+        if row.version:
+            text.append(f"  v{row.version}")
+        free = self._hosts.get(row.name, {}).get("free")
+        if isinstance(free, dict) and free:
+            text.append("\nfree: " + "  ".join(f"{k} {human_bytes(v)}"
+                                                for k, v in sorted(free.items())))
+        panel.update(text)
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        event.stop()
+        self._show_detail(event.row_key.value)

@@ -1,0 +1,110 @@
+"""The Job screen: one job's machines, failures first, with the full error reason.
+
+The table shows one line per target machine; the panel under it spells out
+the highlighted machine (chunks, bytes, attempts and the whole error, which a
+table cell would cut).  Escape goes back to the Jobs screen.
+"""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.widgets import DataTable, Static
+
+from tui.screens.base import MonitorScreen, style_of
+from tui.view import FAIL, ClusterView, Changes, MachineRow, ellipsize
+from tui.widgets.table import Cell, Column, RowTable
+
+FIXED = [
+    Column("machine", "MACHINE", 16),
+    Column("state", "STATE", 8),
+    Column("pct", "DONE", 4, right=True),
+    Column("rate", "RATE", 11, right=True),
+    Column("eta", "ETA", 6, right=True),
+    Column("attempts", "TRY", 3, right=True),
+]
+COLUMNS = FIXED + [Column("error", "ERROR", None)]
+# Each column is padded by one cell on each side; keep two for the scroll bar.
+_USED = sum((c.width or 0) + 2 for c in FIXED) + 2 + 2
+
+
+class JobScreen(MonitorScreen):
+    BINDINGS = [Binding("escape", "back", "Back")]
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__()
+        self.job_id = job_id
+        self.loading_error = ""
+
+    def compose(self) -> ComposeResult:
+        yield self.compose_header()
+        yield Static(id="job-header", classes="job-header")
+        yield RowTable(COLUMNS, id="machines")
+        yield Static(id="machine-detail", classes="detail")
+        yield self.compose_status()
+        yield self.compose_footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = f"Job {self.job_id}"
+
+    def wants(self, changes: Changes) -> bool:
+        return self.job_id in changes.job_ids or changes.jobs
+
+    def redraw(self, view: ClusterView, now: float, failures: bool) -> None:
+        h = view.header(self.job_id, now)
+        head = Text(no_wrap=True, overflow="ellipsis")
+        head.append(f"job {h.job}  ", style="bold")
+        head.append(h.state, style=style_of(h.severity))
+        head.append(f"  {h.bar} {h.percent}  {h.rate}\n")
+        head.append(f"from {h.source} · {h.files} · {h.size} · started {h.created}"
+                    f" · took {h.took}\n")
+        head.append("machines: ")
+        head.append(h.machines, style="bold red" if h.severity == FAIL else "")
+        if failures:
+            head.append(" │ failures only", style="reverse")
+        self.query_one("#job-header", Static).update(head)
+
+        rows = view.machine_rows(self.job_id, failures)
+        table = self.query_one("#machines", RowTable)
+        err_width = max(10, self.size.width - _USED) if self.size.width else 30
+        self._rows = {r.machine: r for r in rows}
+        table.set_rows([(r.machine, [
+            Cell(ellipsize(r.machine, 16), "bold red" if r.severity == FAIL else ""),
+            Cell(r.state, style_of(r.severity)),
+            Cell(r.percent),
+            Cell(r.rate),
+            Cell(r.eta),
+            Cell(str(r.attempts) if r.attempts else "·"),
+            Cell(ellipsize(r.error, err_width), "red" if r.error else ""),
+        ]) for r in rows])
+        self._show_detail(table.selected_key(), view)
+
+    def _show_detail(self, key: str | None, view: ClusterView) -> None:
+        panel = self.query_one("#machine-detail", Static)
+        row: MachineRow | None = getattr(self, "_rows", {}).get(key) if key else None
+        if row is None:
+            if self.loading_error:
+                panel.update(Text(self.loading_error, style="bold red"))
+            elif not view.has_detail(self.job_id):
+                panel.update("loading machines…")
+            else:
+                panel.update("no machines to show")
+            return
+        text = Text()
+        text.append(row.machine, style="bold")
+        text.append(f"  {row.state}", style=style_of(row.severity))
+        text.append(f"  {row.chunks} chunks  {row.bytes}  attempts {row.attempts}")
+        if row.took != "-":
+            text.append(f"  took {row.took}")
+        if row.error:
+            text.append("\nerror: ", style="bold red")
+            text.append(row.error, style="red")
+        panel.update(text)
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        event.stop()
+        self._show_detail(event.row_key.value, self.monitor.view)
+
+    def action_back(self) -> None:
+        self.monitor.pop_screen()
