@@ -88,8 +88,9 @@ import fcntl
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Self
 
 from fdship.core.records import (
     FrameDecoder,
@@ -246,7 +247,7 @@ class RedoLog:
     def __repr__(self) -> str:
         return f"RedoLog({self.data_dir!r}, lsn={self._lsn}, durable={self._durable})"
 
-    def __enter__(self) -> RedoLog:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

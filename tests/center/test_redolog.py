@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -10,8 +11,8 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -29,10 +30,8 @@ def logs(tmp_path: Path) -> Iterator[list[RedoLog]]:
     opened: list[RedoLog] = []
     yield opened
     for log in opened:
-        try:
+        with contextlib.suppress(Exception):
             log.close()
-        except Exception:
-            pass
 
 
 def opener(logs: list[RedoLog], path: Path, segment_bytes: int = 64 * 1024 * 1024):
@@ -96,7 +95,7 @@ def test_segments_roll(tmp_path: Path, logs: list[RedoLog]) -> None:
     starts = [int(s[5:25]) for s in segs]
     sizes = [os.path.getsize(tmp_path / s) for s in segs]
     assert starts[0] == 0
-    assert all(a + n == b for a, n, b in zip(starts, sizes, starts[1:]))
+    assert all(a + n == b for a, n, b in zip(starts, sizes, starts[1:], strict=False))
     assert starts[-1] + sizes[-1] == lsns[-1]
     assert all(n <= 500 for n in sizes)
     log.close()
@@ -244,7 +243,7 @@ def test_covered_segments_deleted_others_kept(tmp_path: Path, logs: list[RedoLog
     log.checkpoint(b"one", first)
     # A segment goes only if it ends at or before the checkpoint (its successor
     # starts there); the one holding records after the checkpoint stays.
-    kept = [s for s, nxt in zip(starts, starts[1:] + [None]) if nxt is None or nxt > first]
+    kept = [s for s, nxt in zip(starts, starts[1:] + [None], strict=True) if nxt is None or nxt > first]
     assert segments(tmp_path) == [segment_name(s) for s in kept]
     assert len(kept) < len(before)
 
@@ -253,9 +252,7 @@ def test_covered_segments_deleted_others_kept(tmp_path: Path, logs: list[RedoLog
     # The older checkpoint stays as the fallback, so the segments it needs stay.
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == [
         checkpoint_name(first), checkpoint_name(more[-5])]
-    assert segments(tmp_path) == [s for s in segments(tmp_path)
-                                  if int(s[5:25]) >= kept[0]]
-    assert segment_name(kept[0]) in segments(tmp_path)
+    assert segments(tmp_path)[0] == segment_name(kept[0])
 
     log.checkpoint(b"three", more[-1])
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == [
@@ -346,7 +343,8 @@ def test_second_log_on_same_dir_refused(tmp_path: Path, logs: list[RedoLog]) -> 
             "try:\n    RedoLog(sys.argv[1]).open()\nexcept Exception as e:\n"
             "    print(type(e).__name__, e); sys.exit(3)\n")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
-                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": REPO})
+                          text=True, timeout=60, check=False,
+                          env={**os.environ, "PYTHONPATH": REPO})
     assert proc.returncode == 3, proc.stderr
     assert "ConfigError another center is already using" in proc.stdout
     assert f"pid {os.getpid()}" in proc.stdout
