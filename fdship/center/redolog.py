@@ -265,6 +265,7 @@ class RedoLog:
         if self._lock_fd is not None:
             raise RuntimeError("RedoLog.open() called twice")
         self._lock()
+        self._failed = None
         try:
             return self._recover()
         except BaseException:
@@ -318,6 +319,9 @@ class RedoLog:
                          "complete; the previous checkpoint is in force")
 
         state, base, bad = self._choose_checkpoint(ckpts, segments)
+        if segments:
+            # May raise: then nothing but a torn tail has been changed on disk.
+            spans, count, end, truncated = self._scan(segments, base, notes)
         for lsn, why in bad:
             name = checkpoint_name(lsn)
             os.replace(self._path(name), self._path(name + ".bad"))
@@ -337,7 +341,6 @@ class RedoLog:
             self._lsn = self._durable = base
             return Recovery(state, base, Replay([], base, 0), base, 0, notes)
 
-        spans, count, end, truncated = self._scan(segments, base, notes)
         self._segments = segments
         self._open_segment(segments[-1], create=False)
         self._seg_size = end - segments[-1]

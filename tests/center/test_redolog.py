@@ -445,3 +445,56 @@ def test_kill_minus_nine_never_loses_a_synced_record(tmp_path: Path) -> None:
     assert acked > 0
     # Every trial's recovery passed the hole check above; a later start sees it too.
     assert _recovered(tmp_path)[0] >= acked
+
+
+def test_log_restarts_after_segments_moved_aside(tmp_path: Path, logs: list[RedoLog]) -> None:
+    """An operator who moved every segment aside gets a fresh log after the checkpoint."""
+    open_log = opener(logs, tmp_path)
+    log, _ = open_log()
+    end = log.append(b"a")
+    log.checkpoint(b"state", end)
+    log.close()
+    for seg in segments(tmp_path):
+        (tmp_path / seg).unlink()
+    log, rec = open_log()
+    assert rec.checkpoint == b"state" and rec.end_lsn == end
+    assert any("starting a new log" in n for n in rec.notes)
+    assert log.append(b"b") == end + HEADER_SIZE + 1
+    log.close()
+    log, rec = open_log()
+    assert list(rec.records) == [b"b"]
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 64 KiB tmpfs, to run out of space for real (needs root)."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_append_leaves_log_consistent(tiny_fs: Path, logs: list[RedoLog]) -> None:
+    from fdship.errors import LocalIOError
+
+    open_log = opener(logs, tiny_fs)
+    log, _ = open_log()
+    good = []
+    with pytest.raises(LocalIOError, match="free space"):
+        for i in range(1000):
+            log.append(b"%06d" % i + b"x" * 3000)
+            good.append(i)
+    assert 5 < len(good) < 1000
+    # The partly written frame was cut off: the file ends at the last good record.
+    assert os.path.getsize(tiny_fs / segment_name(0)) == log.lsn
+    log.sync()
+    log.close()
+    log, rec = open_log()
+    assert rec.truncated == 0
+    assert [p[:6] for p in rec.records] == [b"%06d" % i for i in good]
