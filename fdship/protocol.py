@@ -382,11 +382,15 @@ class Fin:
     file: int
     ok: bool
     error: str = ""
+    # "integrity" (whole-file hash mismatch: refetch) or "local" (the target cannot
+    # install: the machine fails with ``error``).
+    kind: str = ""
     hook: Mapping[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"job": self.job, "host": self.host, "file": self.file, "ok": self.ok,
-                "error": self.error, "hook": dict(self.hook) if self.hook else None}
+                "error": self.error, "kind": self.kind,
+                "hook": dict(self.hook) if self.hook else None}
 
     @classmethod
     def from_json(cls, obj: Any) -> Fin:
@@ -398,8 +402,8 @@ class Fin:
         if hook is not None and not isinstance(hook, Mapping):
             raise ProtocolError("fin: field 'hook' must be an object")
         return cls(job=_get(d, "job", str, "fin"), host=_get(d, "host", str, "fin"), file=f,
-                   ok=_get(d, "ok", bool, "fin"), error=_get(d, "error", str, "fin", "")[:2000],
-                   hook=hook)
+                      ok=_get(d, "ok", bool, "fin"), error=_get(d, "error", str, "fin", "")[:2000],
+                   kind=_get(d, "kind", str, "fin", ""), hook=hook)
 
 
 @dataclass(frozen=True)
