@@ -23,6 +23,7 @@ import os
 import sys
 import time
 import tomllib
+from dataclasses import replace
 from typing import Any, Callable
 
 from textual import work
@@ -97,6 +98,8 @@ class MonitorApp(App[None]):
         self.last_redraw_at = 0.0
         self.last_event_received = 0.0
         self._newest_event = 0.0
+        self.applied = 0  # updates folded into the view
+        self.drawn = 0  # value of `applied` at the last redraw: equal means up to date
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -156,6 +159,7 @@ class MonitorApp(App[None]):
     # -- attributes down ---------------------------------------------------------------
 
     def _changed(self, changes: Changes) -> None:
+        self.applied += 1
         self._pending.merge(changes)
         if self._redraw_scheduled:
             return
@@ -168,10 +172,15 @@ class MonitorApp(App[None]):
 
     def _flush(self) -> None:
         self._redraw_scheduled = False
-        changes, self._pending = self._pending, Changes()
         screen = self.screen
-        if isinstance(screen, MonitorScreen) and screen.wants(changes):
+        if not isinstance(screen, MonitorScreen) or not screen.is_mounted:
+            # Between screens: keep the changes; the next screen draws on resume.
+            return
+        changes, self._pending = self._pending, Changes()
+        if screen.wants(changes):
             self._redraw(screen)
+        else:
+            self.drawn = self.applied  # nothing this screen shows has moved
         self._update_status()
 
     def _redraw(self, screen: MonitorScreen) -> None:
@@ -180,6 +189,7 @@ class MonitorApp(App[None]):
         screen.redraw(self.view, self.clock(), self.failures_only)
         self._last_redraw = time.perf_counter()
         self.redraws += 1
+        self.drawn = self.applied
         self.last_redraw_at = self._last_redraw
         self.last_event_received = self._newest_event
 
@@ -196,8 +206,13 @@ class MonitorApp(App[None]):
         left = None
         if self.status.state == RECONNECTING and self.status.retry_in is not None:
             left = self.status.retry_in - (self.clock() - self.status_at)
+        status = self.status
+        if status.error:
+            # The title bar already names the center; keep the line for the reason.
+            status = replace(status, error=status.error.replace(
+                f" at {self.source.description}", ""))
         for line in self.screen.query(StatusLine):
-            line.show(self.status, left, self.view.totals(), self.failures_only)
+            line.show(status, left, self.view.totals(), self.failures_only)
 
     def _on_tick(self) -> None:
         self.redraw_now()

@@ -40,6 +40,12 @@ class RowTable(DataTable[Text]):
         self._cells: dict[str, tuple[Cell, ...]] = {}
 
     def on_mount(self) -> None:
+        self._ensure_columns()
+
+    def _ensure_columns(self) -> None:
+        # The screen may hand rows over before this widget's own mount handler ran.
+        if self.columns:
+            return
         for col in self.spec:
             label = Text(col.label, justify="right" if col.right else "left")
             self.add_column(label, key=col.key, width=col.width)
@@ -49,6 +55,7 @@ class RowTable(DataTable[Text]):
                     no_wrap=True, overflow="ellipsis")
 
     def set_rows(self, rows: Sequence[tuple[str, Sequence[Cell]]]) -> None:
+        self._ensure_columns()
         keys = [k for k, _ in rows]
         if keys == self._keys:
             for key, cells in rows:
