@@ -6,9 +6,9 @@ Which bytes to send comes only from :meth:`fdship.daemon.store.Store.chunk_sourc
 (job, file and chunk are dictionary keys, never path parts), so a request can
 only ever read what the store holds verified.
 
-The body goes out with ``sendfile(2)`` through ``loop.sock_sendfile`` on the
-connection's own socket: the bytes travel page cache -> socket without
-entering Python.  Tornado does not know about those bytes, so after sending we
+The body goes out with ``sendfile(2)`` on the connection's own socket, driven
+by the event loop (see ``DownloadHandler._sendfile``): the bytes travel page
+cache -> socket without entering Python.  Tornado does not know about those bytes, so after sending we
 credit them against the connection's Content-Length accounting
 (``HTTP1Connection._expected_content_remaining``, a private attribute) and let
 Tornado finish the response normally, which keeps the connection alive for
@@ -26,6 +26,7 @@ import asyncio
 import logging
 import os
 import random
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,13 +39,12 @@ from fdship.web import BaseHandler
 
 log = logging.getLogger("fdship.daemon.serve")
 
-# Without a rate cap a chunk goes out in 4 MiB sendfile calls: big enough that
-# the per-call cost vanishes, small enough that the stall timeout below means
-# "no progress for that long".  Under a cap, 256 KiB slices keep the rate smooth.
-SLICE = 4 * 1024 * 1024
+# Without a rate cap a chunk goes out as one sendfile run; under a cap it goes
+# in 256 KiB slices, each paid for before it is sent, which keeps the rate smooth.
 LIMITED_SLICE = 256 * 1024
 BUFFERED_SLICE = 256 * 1024
-WRITE_TIMEOUT = 30.0
+YIELD_EVERY = 8 * 1024 * 1024
+WRITE_TIMEOUT = 30.0  # seconds without any progress before a peer is hung up on
 
 _rng = random.Random()
 
@@ -78,16 +78,9 @@ def parse_fault(spec: str) -> tuple[str, float]:
     return kind, prob
 
 
-class _FdFile:
-    """The least a file object needs for ``loop.sock_sendfile``: a binary mode and a fileno."""
-
-    mode = "rb"
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-
-    def fileno(self) -> int:
-        return self._fd
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 class _Aborted(Exception):
@@ -185,9 +178,7 @@ class DownloadHandler(BaseHandler):
             await asyncio.wait_for(self.flush(), self.write_timeout)
         except (StreamClosedError, asyncio.TimeoutError):
             raise self._abort() from None
-        loop = asyncio.get_running_loop()
-        fobj = _FdFile(fd)
-        step = LIMITED_SLICE if self.limiter else SLICE
+        step = LIMITED_SLICE if self.limiter else length
         # A dropped connection mid-chunk: send half, then hang up.
         end = length // 2 if drop else length
         sent = 0
@@ -197,10 +188,8 @@ class DownloadHandler(BaseHandler):
                 await self.limiter.acquire(n)
             if self._closed or stream.closed():
                 raise self._abort()
-            self._send_fut = asyncio.ensure_future(
-                loop.sock_sendfile(stream.socket, fobj, offset + sent, n, fallback=False))
             try:
-                got = await asyncio.wait_for(self._send_fut, self.write_timeout)
+                got = await self._sendfile(stream.socket, fd, offset + sent, n)
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
@@ -212,15 +201,7 @@ class DownloadHandler(BaseHandler):
                 log.info("upload to %s aborted after %d of %d bytes: %s",
                          self.request.remote_ip, sent, length, e or type(e).__name__)
                 raise self._abort() from None
-            except RuntimeError as e:
-                # asyncio.SendfileNotAvailableError: the very first sendfile call
-                # failed, which on a regular file means the socket is dead.
-                log.info("upload to %s failed: %s", self.request.remote_ip, e)
-                raise self._abort() from None
-            finally:
-                self._send_fut = None
             sent += got
-            self.stats.bytes_served += got
             if got < n:
                 # The file is shorter than the store claims (truncated under us):
                 # hanging up is the only honest answer once headers are out.
@@ -233,6 +214,44 @@ class DownloadHandler(BaseHandler):
         self.stats.chunks_served += 1
         self.stats.zero_copy += 1
         self.finish()
+
+    async def _sendfile(self, sock: socket.socket, fd: int, offset: int, count: int) -> int:
+        """sendfile(2) ``count`` bytes of ``fd`` at ``offset`` to ``sock``; return bytes sent.
+
+        The same zero-copy syscall as ``loop.sock_sendfile(..., fallback=False)``,
+        but it calls sendfile again at once while the socket accepts more and
+        only waits for writability on EAGAIN; asyncio's version waits for an
+        event-loop round trip after every call, including after the last one,
+        which left a window in which a peer that had already read the whole
+        body and hung up made a complete upload look aborted.  The wait for
+        writability is the stall timeout: no progress for ``write_timeout``
+        seconds and the connection is closed.
+        """
+        loop = asyncio.get_running_loop()
+        sfd = sock.fileno()
+        sent = 0
+        while sent < count:
+            try:
+                n = os.sendfile(sfd, fd, offset + sent, count - sent)
+            except (BlockingIOError, InterruptedError):
+                fut = loop.create_future()
+                self._send_fut = fut
+                loop.add_writer(sfd, _wake, fut)
+                try:
+                    await asyncio.wait_for(fut, self.write_timeout)
+                finally:
+                    loop.remove_writer(sfd)
+                    self._send_fut = None
+                continue
+            if n == 0:
+                break  # end of file
+            sent += n
+            self.stats.bytes_served += n
+            if sent % YIELD_EVERY < n:
+                # A fast reader can keep the socket writable for a whole big
+                # chunk; let other connections run now and then.
+                await asyncio.sleep(0)
+        return sent
 
     async def _send_buffered(self, fd: int, offset: int, length: int,
                              corrupt_at: int = -1) -> None:
