@@ -258,9 +258,9 @@ class RedoLog:
     def open(self) -> Recovery:
         """Lock the data dir, repair a torn tail, and return what to replay.
 
-        Raises ConfigError if the directory cannot be used or another center
-        holds it, LogCorruptError if the log or checkpoints are damaged in a
-        way a crash cannot explain.
+        Raises ConfigError if the directory cannot be used (or read) or another
+        center holds it, LogCorruptError if the log or checkpoints are damaged
+        in a way a crash cannot explain.
         """
         if self._lock_fd is not None:
             raise RuntimeError("RedoLog.open() called twice")
@@ -268,6 +268,12 @@ class RedoLog:
         self._failed = None
         try:
             return self._recover()
+        except OSError as e:
+            self._release()
+            raise ConfigError(
+                f"cannot read or repair the REDO log in {self.data_dir}: {e}; check the "
+                "permissions of the files there and the health of the disk"
+            ) from None
         except BaseException:
             self._release()
             raise

@@ -27,8 +27,9 @@ writes; a frame header found by scanning is a real frame header.
 
 Telling a torn tail from corruption
 -----------------------------------
-The decoder reads frames in order from the start of a segment.  The first frame
-that is incomplete or fails any check is the *bad frame*, at offset P.  Then:
+The decoder reads frames in order from a known frame boundary (the start of a
+segment, or a checkpoint's LSN).  The first frame that is incomplete or fails
+any check is the *bad frame*, at offset P.  Then:
 
 * Where the scan for more frames starts: if the bad frame's header is valid
   (magic, version, reserved byte, header checksum and a length within limits

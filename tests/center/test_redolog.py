@@ -498,3 +498,16 @@ def test_disk_full_append_leaves_log_consistent(tiny_fs: Path, logs: list[RedoLo
     log, rec = open_log()
     assert rec.truncated == 0
     assert [p[:6] for p in rec.records] == [b"%06d" % i for i in good]
+
+
+def test_unreadable_segment_is_config_error(tmp_path: Path) -> None:
+    (tmp_path / segment_name(0)).mkdir()  # a directory where a segment file should be
+    log = RedoLog(str(tmp_path))
+    with pytest.raises(ConfigError, match="cannot read or repair the REDO log") as exc:
+        log.open()
+    assert segment_name(0) in str(exc.value)
+    assert not log.is_open
+    log2 = RedoLog(str(tmp_path))  # the lock was released on the way out
+    (tmp_path / segment_name(0)).rmdir()
+    log2.open()
+    log2.close()
