@@ -201,10 +201,13 @@ class ApiRequest:
     callback: str = ""
     dest: str = ""
     notify: str = ""
+    # False: answer 202 {"job": ID} at once without a callback (`fdship submit --no-wait`).
+    wait: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return {"files": list(self.files), "machines": list(self.machines),
-                "callback": self.callback, "dest": self.dest, "notify": self.notify}
+                "callback": self.callback, "dest": self.dest, "notify": self.notify,
+                "wait": self.wait}
 
     @classmethod
     def from_json(cls, obj: Any) -> ApiRequest:
@@ -219,7 +222,8 @@ class ApiRequest:
         return cls(files=tuple(files), machines=tuple(machines),
                    callback=_get(d, "callback", str, "request", ""),
                    dest=_get(d, "dest", str, "request", ""),
-                   notify=_get(d, "notify", str, "request", ""))
+                   notify=_get(d, "notify", str, "request", ""),
+                   wait=_get(d, "wait", bool, "request", True))
 
 
 # --- center -> daemon commands ---------------------------------------------------

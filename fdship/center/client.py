@@ -1,0 +1,49 @@
+"""Typed client for the center, used by daemons, the CLI and the TUI.
+
+One method per endpoint; bodies are the messages of :mod:`fdship.protocol`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from fdship import protocol as P
+from fdship.httpclient import call
+
+
+class CenterClient:
+    def __init__(self, base_url: str, token: str = "", timeout: float = 30.0) -> None:
+        self.base = base_url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+
+    async def _call(self, method: str, path: str, body: Any = None,
+                    timeout: float | None = None) -> Any:
+        return await call(method, self.base + path, body, token=self.token,
+                          timeout=timeout or self.timeout)
+
+    async def heartbeat(self, beat: P.Heartbeat) -> P.HeartbeatReply:
+        return P.HeartbeatReply.from_json(await self._call("POST", P.CENTER_HEARTBEAT,
+                                                           beat.to_json(), timeout=10))
+
+    async def submit(self, req: P.JobRequest) -> str:
+        return str((await self._call("POST", P.CENTER_JOB, req.to_json()))["job"])
+
+    async def ack(self, batch: P.AckBatch) -> None:
+        await self._call("POST", P.CENTER_ACK, batch.to_json())
+
+    async def fin(self, fin: P.Fin) -> None:
+        await self._call("POST", P.CENTER_FIN, fin.to_json())
+
+    async def job(self, job_id: str, wait: float = 0.0) -> dict[str, Any]:
+        q = f"?wait={wait:g}" if wait else ""
+        return await self._call("GET", f"{P.CENTER_JOBS}/{quote(job_id, safe='')}{q}",
+                                timeout=wait + 30)
+
+    async def jobs(self, state: str = "", limit: int = 50, before: str = "") -> dict[str, Any]:
+        q = {k: v for k, v in (("state", state), ("limit", limit), ("before", before)) if v}
+        return await self._call("GET", P.CENTER_JOBS + ("?" + urlencode(q) if q else ""))
+
+    async def hosts(self) -> dict[str, Any]:
+        return await self._call("GET", P.CENTER_HOSTS)

@@ -1,0 +1,265 @@
+"""The center's HTTP surface: thin handlers over the runner, and the process main.
+
+Handlers parse a protocol message, hand an event to the :class:`Runner`, and
+render its answer; they hold no state of their own.  ``run_center`` is what
+``fdship center`` calls: it recovers from the REDO log, binds the port, and
+stops cleanly on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import tornado.httpserver
+import tornado.iostream
+import tornado.netutil
+import tornado.web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from fdship import __version__
+from fdship import protocol as P
+from fdship.center.runner import Runner
+from fdship.config import CenterConfig, parse_hostport, read_token
+from fdship.core import views
+from fdship.core.events import (ChunkStored, FetchFailed, FilePacked, HookFinished, PackFailed)
+from fdship.errors import BadRequest, ConfigError, NotFound
+from fdship.web import BaseHandler, MetricsHandler, NotFoundHandler
+
+log = logging.getLogger("fdship.center")
+
+
+class CenterMetrics:
+    """Prometheus metrics of the center (own registry: several centers per test process)."""
+
+    def __init__(self, runner_ref: list[Runner]) -> None:
+        self.registry = r = CollectorRegistry()
+        self.jobs = Counter("fdship_jobs_total", "Jobs that ended, by final state", ["state"],
+                            registry=r)
+        self.job_seconds = Histogram("fdship_job_duration_seconds", "Job wall time",
+                                     buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
+                                     registry=r)
+        self.fsync = Histogram("fdship_redo_fsync_seconds", "REDO log group-commit fsync latency",
+                               buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, 1),
+                               registry=r)
+        self.acks = Counter("fdship_chunks_acked_total", "Chunks targets reported stored",
+                            registry=r)
+        self.failures = Counter("fdship_chunk_failures_total", "Chunk fetches that failed",
+                                ["reason"], registry=r)
+        self.bytes = Counter("fdship_bytes_delivered_total", "Bytes targets reported stored",
+                             registry=r)
+        ref = runner_ref
+
+        def alive() -> float:
+            return sum(1 for h in ref[0].sched.hosts.values() if h.alive) if ref else 0
+
+        def inflight() -> float:
+            return sum(h.downloads for h in ref[0].sched.hosts.values()) if ref else 0
+
+        def running() -> float:
+            return sum(1 for j in ref[0].sched.jobs.values() if j.state == "running") if ref else 0
+
+        Gauge("fdship_hosts_alive", "Daemons alive", registry=r).set_function(alive)
+        Gauge("fdship_inflight_fetches", "Fetches assigned and not yet answered",
+              registry=r).set_function(inflight)
+        Gauge("fdship_jobs_running", "Jobs running", registry=r).set_function(running)
+        self.hb_age = Gauge("fdship_heartbeat_age_seconds", "Seconds since each daemon's last "
+                            "heartbeat", ["host"], registry=r)
+
+
+class CenterHandler(BaseHandler):
+    @property
+    def runner(self) -> Runner:
+        return self.settings["fdship_runner"]  # type: ignore[no-any-return]
+
+
+class JobHandler(CenterHandler):
+    async def post(self) -> None:
+        req = self.parse(P.JobRequest.from_json)
+        job = await self.runner.admit(req)
+        log.info("job=%s accepted from %s: %d files to %s", job, req.source, len(req.files),
+                 ",".join(req.machines))
+        self.send_json({"job": job})
+
+
+class AckHandler(CenterHandler):
+    async def post(self) -> None:
+        batch = self.parse(P.AckBatch.from_json)
+        m: CenterMetrics = self.settings["fdship_metrics"]
+        futs = []
+        for a in batch.acks:
+            if a.ok:
+                m.acks.inc()
+                m.bytes.inc(a.nbytes)
+                ev: Any = ChunkStored(job=a.job, host=batch.host, file=a.file, chunk=a.chunk,
+                                      peer=a.peer, nbytes=a.nbytes)
+            else:
+                m.failures.labels(reason=a.kind).inc()
+                log.info("job=%s host=%s chunk %d/%d from %s failed (%s): %s", a.job, batch.host,
+                         a.file, a.chunk, a.peer, a.kind, a.error)
+                ev = FetchFailed(job=a.job, host=batch.host, file=a.file, chunk=a.chunk,
+                                 peer=a.peer, fail=a.kind, error=a.error)
+            futs.append(self.runner.submit(ev))
+        await asyncio.gather(*futs)  # all land in one turn: one fsync
+        self.send_json({"ok": True})
+
+
+class FinHandler(CenterHandler):
+    async def post(self) -> None:
+        fin = self.parse(P.Fin.from_json)
+        if fin.file == -1:
+            detail = tuple(sorted((fin.hook or {}).items()))
+            ev: Any = HookFinished(job=fin.job, host=fin.host, ok=fin.ok, error=fin.error,
+                                   detail=detail)
+        elif fin.ok:
+            ev = FilePacked(job=fin.job, host=fin.host, file=fin.file)
+        else:
+            log.warning("job=%s host=%s file %d not installed: %s", fin.job, fin.host, fin.file,
+                        fin.error)
+            ev = PackFailed(job=fin.job, host=fin.host, file=fin.file,
+                            fail=fin.kind or "local", error=fin.error)
+        await self.runner.submit(ev)
+        self.send_json({"ok": True})
+
+
+class HeartbeatHandler(CenterHandler):
+    async def post(self) -> None:
+        beat = self.parse(P.Heartbeat.from_json)
+        reply = await self.runner.heartbeat(beat)
+        self.send_json(reply.to_json())
+
+
+class JobsHandler(CenterHandler):
+    def get(self) -> None:
+        state = self.get_query_argument("state", "")
+        if state not in ("", "running", "done", "failed"):
+            raise BadRequest("state must be running, done or failed")
+        try:
+            limit = int(self.get_query_argument("limit", "50"))
+        except ValueError:
+            raise BadRequest("limit must be a whole number") from None
+        limit = max(1, min(limit, 1000))
+        before = self.get_query_argument("before", "")
+        self.send_json(views.jobs_list(self.runner.sched, time.time(), state, limit, before))
+
+
+class OneJobHandler(CenterHandler):
+    async def get(self, job_id: str) -> None:
+        try:
+            wait = float(self.get_query_argument("wait", "0"))
+        except ValueError:
+            raise BadRequest("wait must be a number of seconds") from None
+        if not 0 <= wait <= 3600:
+            raise BadRequest("wait must be between 0 and 3600 seconds")
+        self.send_json(await self.runner.wait_job(job_id, wait))
+
+
+class HostsHandler(CenterHandler):
+    def get(self) -> None:
+        now = time.time()
+        m: CenterMetrics = self.settings["fdship_metrics"]
+        for h in self.runner.sched.hosts.values():
+            if h.last_seen:
+                m.hb_age.labels(host=h.name).set(now - h.last_seen)
+        self.send_json(views.hosts_list(self.runner.sched, now))
+
+
+class EventsHandler(CenterHandler):
+    """GET /center/events: server-sent events; resume with ?since=N or Last-Event-ID."""
+
+    async def get(self) -> None:
+        raw = self.request.headers.get("Last-Event-ID") or self.get_query_argument("since", "")
+        try:
+            last = int(raw) if raw else -1
+        except ValueError:
+            raise BadRequest("since / Last-Event-ID must be an event id (a whole number)") from None
+        bus = self.runner.bus
+        if last < 0:
+            last = bus.next_id - 1  # a new client starts from now (after a full GET)
+        self.set_header("Content-Type", "text/event-stream")
+        self.set_header("Cache-Control", "no-cache")
+        self.set_header("X-Accel-Buffering", "no")
+        if last + 1 < bus.oldest():
+            # The client missed more than we keep: tell it to re-fetch full state.
+            self.write(f"event: reset\ndata: {{\"oldest\": {bus.oldest()}}}\n\n")
+        self.write("retry: 1000\n\n")
+        await self.flush()
+        try:
+            while True:
+                items = bus.since(last)
+                if items:
+                    for eid, kind, data in items:
+                        self.write(f"id: {eid}\nevent: {kind}\ndata: "
+                                   f"{json.dumps(data, separators=(',', ':'))}\n\n")
+                        last = eid
+                    await self.flush()
+                else:
+                    async with bus.cond:
+                        try:
+                            await asyncio.wait_for(bus.cond.wait(), 15)
+                        except asyncio.TimeoutError:
+                            self.write(": keep-alive\n\n")
+                            await self.flush()
+        except tornado.iostream.StreamClosedError:
+            return
+
+
+def make_app(runner: Runner, token: str, metrics: CenterMetrics) -> tornado.web.Application:
+    return tornado.web.Application([
+        (P.CENTER_JOB, JobHandler),
+        (P.CENTER_ACK, AckHandler),
+        (P.CENTER_FIN, FinHandler),
+        (P.CENTER_HEARTBEAT, HeartbeatHandler),
+        (P.CENTER_JOBS, JobsHandler),
+        (P.CENTER_JOBS + r"/([^/]+)", OneJobHandler),
+        (P.CENTER_HOSTS, HostsHandler),
+        (P.CENTER_EVENTS, EventsHandler),
+        (P.METRICS, MetricsHandler),
+    ], default_handler_class=NotFoundHandler, fdship_runner=runner, fdship_token=token,
+        fdship_metrics=metrics, fdship_registry=metrics.registry, compress_response=False)
+
+
+async def run_center(cfg: CenterConfig) -> None:
+    """Run the center until SIGTERM/SIGINT.  Raises ConfigError when it cannot start."""
+    token = read_token(cfg.token_file)
+    host, port = parse_hostport(cfg.listen, "listen")
+    try:
+        os.makedirs(cfg.data_dir, exist_ok=True)
+        if not os.access(cfg.data_dir, os.W_OK):
+            raise ConfigError(f"data dir {cfg.data_dir} is not writable by this user")
+    except OSError as e:
+        raise ConfigError(f"cannot create data dir {cfg.data_dir}: {e.strerror}") from None
+    ref: list[Runner] = []
+    metrics = CenterMetrics(ref)
+    runner = Runner(cfg, token, metrics)
+    ref.append(runner)
+    for note in runner.recover():
+        log.info("%s", note)
+    try:
+        sockets = tornado.netutil.bind_sockets(port, address=host or None)
+    except OSError as e:
+        runner.redo.close()
+        raise ConfigError(f"cannot listen on {cfg.listen}: {e.strerror}") from None
+    server = tornado.httpserver.HTTPServer(make_app(runner, token, metrics),
+                                           max_body_size=256 * 1024 * 1024, idle_connection_timeout=300)
+    server.add_sockets(sockets)
+    runner.start()
+    log.info("fdship center %s listening on %s (data dir %s, chunk size %d)", __version__,
+             cfg.listen, cfg.data_dir, cfg.chunk_size)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping")
+    server.stop()
+    await runner.stop()
+    log.info("stopped")
+
+
+__all__ = ["run_center", "make_app", "CenterMetrics", "NotFound"]

@@ -1,0 +1,420 @@
+"""The center's single writer: log, fsync, handle, then act.
+
+Every request handler hands its event to ``Runner`` and awaits the answer.  One
+coroutine (``_main``) takes whatever events are queued, and for each one
+appends durable events to the REDO log and calls ``Scheduler.handle``; durable
+decisions the core returns (``Commit``) are logged and handled at once, in the
+same turn.  Then it fsyncs the log *once* for the whole turn (group commit),
+and only then answers the requests and carries out the actions (pulls, packs,
+callbacks).  So nothing a daemon or user was told can be lost in a crash.
+
+On start the runner loads the newest checkpoint, replays the log through the
+same core (actions discarded: their effects either happened or are recreated
+by scheduling afresh), and feeds ``Recovered``.  Checkpoints are written by the
+same coroutine between turns, every ``checkpoint_interval`` seconds or
+``checkpoint_records`` records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from fdship import protocol as P
+from fdship.center.redolog import RedoLog
+from fdship.config import CenterConfig
+from fdship.core import views
+from fdship.core.actions import Action, AssignFetch, Commit, JobEnded, Pack
+from fdship.core.events import (CallbackDelivered, CommandUndelivered, Event, HostReported,
+                                Recovered, Tick, from_record)
+from fdship.core.scheduler import Scheduler, Tunables
+from fdship.daemon.client import DaemonClient
+from fdship.errors import FdshipError, NotFound
+from fdship.httpclient import call
+
+log = logging.getLogger("fdship.center")
+
+TICK_SECONDS = 0.25
+EVENT_FLUSH_SECONDS = 0.1
+
+
+def tunables_from(cfg: CenterConfig) -> Tunables:
+    return Tunables(chunk_size=cfg.chunk_size, heartbeat_timeout=cfg.heartbeat_timeout,
+                    grace_period=cfg.grace_period, max_uploads=cfg.max_uploads,
+                    max_downloads=cfg.max_downloads, max_attempts=cfg.max_attempts,
+                    fetch_timeout=cfg.fetch_timeout, retention=cfg.retention,
+                    max_files=cfg.max_files, max_machines=cfg.max_machines)
+
+
+def encode_record(ev: Event, now: float) -> bytes:
+    return json.dumps({"t": now, "e": ev.to_record()}, separators=(",", ":")).encode()
+
+
+def decode_record(payload: bytes) -> tuple[Event, float]:
+    obj = json.loads(payload)
+    return from_record(obj["e"]), float(obj["t"])
+
+
+def replay_into(sched: Scheduler, checkpoint: bytes | None, records: Any) -> int:
+    """Rebuild durable state from a checkpoint and the records after it."""
+    if checkpoint is not None:
+        sched.restore(json.loads(checkpoint))
+    n = 0
+    for payload in records:
+        ev, t = decode_record(payload)
+        sched.handle(ev, t)
+        n += 1
+    return n
+
+
+@dataclass
+class _Item:
+    kind: str  # "event" | "admit"
+    payload: Any
+    fut: asyncio.Future[Any]
+    reply: Callable[[], Any] | None = None
+
+
+class EventBus:
+    """Recent changes for GET /center/events, with ids so clients can resume."""
+
+    def __init__(self, keep: int = 20_000) -> None:
+        self.buf: deque[tuple[int, str, dict[str, Any]]] = deque(maxlen=keep)
+        self.next_id = 1
+        self.cond = asyncio.Condition()
+
+    async def publish(self, items: list[tuple[str, dict[str, Any]]]) -> None:
+        if not items:
+            return
+        for kind, data in items:
+            self.buf.append((self.next_id, kind, data))
+            self.next_id += 1
+        async with self.cond:
+            self.cond.notify_all()
+
+    def since(self, last_id: int) -> list[tuple[int, str, dict[str, Any]]]:
+        if not self.buf or last_id >= self.buf[-1][0]:
+            return []
+        first = self.buf[0][0]
+        start = max(0, last_id + 1 - first)
+        return list(self.buf)[start:]
+
+    def oldest(self) -> int:
+        return self.buf[0][0] if self.buf else self.next_id
+
+
+class Runner:
+    def __init__(self, cfg: CenterConfig, token: str = "", metrics: Any = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.cfg = cfg
+        self.token = token
+        self.clock = clock
+        self.metrics = metrics
+        seed = cfg.seed or random.SystemRandom().randrange(1, 2**31)
+        self.sched = Scheduler(tunables_from(cfg), seed=seed)
+        self.redo = RedoLog(cfg.data_dir)
+        self.inbox: asyncio.Queue[_Item] = asyncio.Queue()
+        self.waiters: dict[str, list[asyncio.Future[Any]]] = {}
+        self.bus = EventBus()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._bg: set[asyncio.Task[Any]] = set()
+        self._last_ckpt = 0.0
+        self._records_since_ckpt = 0
+        self._last_id = ""
+        self._published: dict[tuple[str, str], dict[str, Any]] = {}
+        self._host_published: dict[str, float] = {}
+        self._stopping = False
+        self.replayed = 0
+        self.stats = {"acks": 0, "nacks": 0, "pulls_sent": 0, "packs_sent": 0}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def recover(self) -> list[str]:
+        """Open the log and rebuild state (blocking; before serving)."""
+        rec = self.redo.open()
+        self.replayed = replay_into(self.sched, rec.checkpoint, rec.records)
+        self.sched.handle(Recovered(), self.clock())
+        self._last_ckpt = self.clock()
+        notes = list(rec.notes)
+        notes.append(f"recovered {len(self.sched.jobs)} jobs and {len(self.sched.hosts)} hosts "
+                     f"(checkpoint at LSN {rec.checkpoint_lsn}, {self.replayed} records replayed)")
+        if self.sched.jobs:
+            self._last_id = max(self.sched.jobs)
+        for job in self.sched.jobs.values():
+            cs = job.callback_state
+            if job.state != "running" and cs and cs.get("state") == "pending":
+                self._spawn(self._deliver_callback(job.id))
+        return notes
+
+    def start(self) -> None:
+        self._tasks = [asyncio.ensure_future(self._main()),
+                       asyncio.ensure_future(self._ticker()),
+                       asyncio.ensure_future(self._flusher())]
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for t in self._tasks + list(self._bg):
+            t.cancel()
+        for t in self._tasks + list(self._bg):
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self.redo.is_open:
+            try:
+                self._checkpoint()
+            except Exception:  # a failing disk must not hang shutdown
+                log.exception("final checkpoint failed")
+            self.redo.close()
+
+    # ------------------------------------------------------------------ API for handlers
+
+    async def submit(self, ev: Event, reply: Callable[[], Any] | None = None) -> Any:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        await self.inbox.put(_Item("event", ev, fut, reply))
+        return await fut
+
+    async def admit(self, req: P.JobRequest) -> str:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        await self.inbox.put(_Item("admit", req, fut))
+        return str(await fut)
+
+    async def heartbeat(self, beat: P.Heartbeat) -> P.HeartbeatReply:
+        def reply() -> P.HeartbeatReply:
+            h = self.sched.hosts.get(beat.name)
+            return P.HeartbeatReply(chunk_size=self.cfg.chunk_size,
+                                    want_inventory=bool(h and h.want_inventory),
+                                    live_jobs=tuple(self.sched.live_jobs_for(beat.name)))
+        return await self.submit(HostReported(beat=beat), reply)  # type: ignore[no-any-return]
+
+    async def wait_job(self, job_id: str, timeout: float) -> dict[str, Any]:
+        job = self.sched.jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id!r} (finished jobs are kept for the retention period)")
+        if job.state == "running" and timeout > 0:
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self.waiters.setdefault(job_id, []).append(fut)
+            try:
+                await asyncio.wait_for(asyncio.shield(fut), timeout)
+            except asyncio.TimeoutError:
+                pass
+            finally:
+                lst = self.waiters.get(job_id, [])
+                if fut in lst:
+                    lst.remove(fut)
+        job = self.sched.jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id!r}")
+        return views.job_result(job, self.clock())
+
+    def new_job_id(self, now: float) -> str:
+        t = time.gmtime(now)
+        jid = time.strftime("%Y%m%dT%H%M%S", t) + f"{int(now * 1000) % 1000:03d}Z-" + \
+            f"{random.getrandbits(16):04x}"
+        if jid <= self._last_id:  # ids sort by creation time even within a millisecond
+            jid = self._last_id[:-4] + f"{(int(self._last_id[-4:], 16) + 1) % 65536:04x}"
+        self._last_id = jid
+        return jid
+
+    # ------------------------------------------------------------------ the writer
+
+    async def _main(self) -> None:
+        while True:
+            items = [await self.inbox.get()]
+            while not self.inbox.empty() and len(items) < 4096:
+                items.append(self.inbox.get_nowait())
+            now = self.clock()
+            actions: list[Action] = []
+            results: list[tuple[_Item, Any, BaseException | None]] = []
+            appended = 0
+            for it in items:
+                try:
+                    if it.kind == "admit":
+                        ev = self.sched.admit(it.payload, self.new_job_id(now), now)
+                        res: Any = ev.job
+                    else:
+                        ev, res = it.payload, None
+                    n, acts = self._process(ev, now)
+                    appended += n
+                    actions += acts
+                    if it.reply is not None:
+                        res = it.reply()
+                    results.append((it, res, None))
+                except FdshipError as e:
+                    results.append((it, None, e))
+                except Exception as e:  # a bug: answer 500, keep the center running
+                    log.exception("scheduler failed on %r", it.payload)
+                    results.append((it, None, e))
+            if appended:
+                t0 = time.perf_counter()
+                self.redo.sync()  # group commit: one fsync for the whole turn
+                if self.metrics is not None:
+                    self.metrics.fsync.observe(time.perf_counter() - t0)
+                self._records_since_ckpt += appended
+            for it, res, err in results:
+                if it.fut.done():
+                    continue
+                if err is not None:
+                    it.fut.set_exception(err)
+                else:
+                    it.fut.set_result(res)
+            self._carry_out(actions)
+            if (self._records_since_ckpt >= self.cfg.checkpoint_records
+                    or (self._records_since_ckpt and
+                        now - self._last_ckpt >= self.cfg.checkpoint_interval)):
+                self._checkpoint()
+
+    def _process(self, ev: Event, now: float) -> tuple[int, list[Action]]:
+        """Log (if durable) and handle one event, then its committed decisions."""
+        appended = 0
+        out: list[Action] = []
+        stack = [ev]
+        while stack:
+            e = stack.pop(0)
+            if e.durable:
+                self.redo.append(encode_record(e, now))
+                appended += 1
+            for a in self.sched.handle(e, now):
+                if isinstance(a, Commit):
+                    stack.append(a.event)
+                else:
+                    out.append(a)
+        return appended, out
+
+    def _checkpoint(self) -> None:
+        state = json.dumps(self.sched.snapshot(), separators=(",", ":")).encode()
+        self.redo.checkpoint(state, self.redo.lsn)
+        self._last_ckpt = self.clock()
+        self._records_since_ckpt = 0
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            await self.inbox.put(_Item("event", Tick(),
+                                       asyncio.get_running_loop().create_future()))
+
+    # ------------------------------------------------------------------ actions
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+    def _carry_out(self, actions: list[Action]) -> None:
+        for a in actions:
+            if isinstance(a, AssignFetch):
+                self.stats["pulls_sent"] += len(a.fetches)
+                self._spawn(self._send_pull(a))
+            elif isinstance(a, Pack):
+                self.stats["packs_sent"] += 1
+                self._spawn(self._send_pack(a))
+            elif isinstance(a, JobEnded):
+                self._job_ended(a)
+
+    async def _send_pull(self, a: AssignFetch) -> None:
+        req = P.PullRequest(job=a.job, files=a.files, fetches=a.fetches)
+        try:
+            await DaemonClient(a.address, self.token).pull(req)
+        except FdshipError as e:
+            log.warning("job=%s host=%s pull not delivered: %s", a.job, a.target, e)
+            await self.inbox.put(_Item("event", CommandUndelivered(
+                job=a.job, host=a.target, fetches=tuple((f.file, f.chunk) for f in a.fetches),
+                error=f"pull not delivered: {e}"), asyncio.get_running_loop().create_future()))
+
+    async def _send_pack(self, a: Pack) -> None:
+        req = P.PackRequest(job=a.job, file=a.file, chunk_size=a.chunk_size, notify=a.notify,
+                            last=a.last, files_total=a.files_total)
+        try:
+            await DaemonClient(a.address, self.token).pack(req)
+        except FdshipError as e:
+            log.warning("job=%s host=%s pack not delivered: %s", a.job, a.target, e)
+            await self.inbox.put(_Item("event", CommandUndelivered(
+                job=a.job, host=a.target, pack_file=-2 if a.notify else a.file.file,
+                error=f"pack not delivered: {e}"), asyncio.get_running_loop().create_future()))
+
+    def _job_ended(self, a: JobEnded) -> None:
+        job = self.sched.jobs.get(a.job)
+        log.info("job=%s ended state=%s", a.job, a.state)
+        if self.metrics is not None and job is not None and job.finished is not None:
+            self.metrics.jobs.labels(state=a.state).inc()
+            self.metrics.job_seconds.observe(job.finished - job.created)
+        for fut in self.waiters.pop(a.job, []):
+            if not fut.done():
+                fut.set_result(a.state)
+        if job is not None and job.callback:
+            self._spawn(self._deliver_callback(a.job))
+
+    async def _deliver_callback(self, job_id: str, max_attempts: int = 8) -> None:
+        """POST the job result to its callback URL, retrying with backoff."""
+        err = ""
+        attempt = 0
+        for attempt in range(1, max_attempts + 1):
+            job = self.sched.jobs.get(job_id)
+            if job is None:
+                return
+            result = views.job_result(job, self.clock())
+            try:
+                await call("POST", job.callback, result, timeout=30)
+                ok = True
+                break
+            except FdshipError as e:
+                err = str(e)
+                log.warning("job=%s callback attempt %d to %s failed: %s", job_id, attempt,
+                            job.callback, err)
+                await asyncio.sleep(min(60.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random()))
+        else:
+            ok = False
+        try:
+            await self.submit(CallbackDelivered(job=job_id, ok=ok, attempts=attempt,
+                                                error="" if ok else err))
+        except FdshipError:
+            log.exception("job=%s could not record callback outcome", job_id)
+
+    # ------------------------------------------------------------------ event stream
+
+    async def _flusher(self) -> None:
+        while True:
+            await asyncio.sleep(EVENT_FLUSH_SECONDS)
+            try:
+                await self.bus.publish(self._changes())
+            except Exception:
+                log.exception("event stream flush failed")
+
+    def _changes(self) -> list[tuple[str, dict[str, Any]]]:
+        now = self.clock()
+        out: list[tuple[str, dict[str, Any]]] = []
+        s = self.sched
+        jobs, s.dirty_jobs = s.dirty_jobs, set()
+        hosts, s.dirty_hosts = s.dirty_hosts, set()
+        for jid in sorted(jobs):
+            job = s.jobs.get(jid)
+            if job is None:
+                continue
+            out.append(("job", views.job_summary(job, now)))
+            for name, m in job.machines.items():
+                row = views.machine_view(job, m, now)
+                row.pop("rate")
+                row.pop("eta")
+                key = (jid, name)
+                if self._published.get(key) != row:
+                    self._published[key] = row
+                    full = views.machine_view(job, m, now)
+                    full.update(job=jid, name=name)
+                    out.append(("machine", full))
+        for name in sorted(hosts):
+            # Heartbeats mark a host dirty every second; publish each at most every 2 s.
+            if name in s.hosts and now - self._host_published.get(name, 0) >= 2.0:
+                self._host_published[name] = now
+                out.append(("host", views.host_view(s, name, now)))
+            elif name in s.hosts:
+                s.dirty_hosts.add(name)
+        if len(self._published) > 200_000:
+            self._published.clear()
+        return out

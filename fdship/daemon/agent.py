@@ -1,0 +1,622 @@
+"""The daemon process: one per server, doing what the center says.
+
+It plays every role of the seed's protocol on its machine:
+
+* source: ``POST /daemon/api`` snapshots the files into the store (hashing
+  every chunk in the same pass), submits the job to the center, and waits for
+  the result (or returns at once when a callback is given);
+* peer: ``GET /daemon/download`` serves held chunks with sendfile
+  (:mod:`fdship.daemon.serve`);
+* target: ``POST /daemon/pull`` starts fetches from the named peers
+  (:mod:`fdship.daemon.fetch`), each verified and then acked to the center in
+  batches; ``POST /daemon/pack`` verifies, fsyncs and renames a file into
+  place and reports ``/center/fin``, then runs the job's notify hook;
+* reporter: a heartbeat every ~1 s with load (psutil), free space, caps and,
+  when registering, the inventory of what it holds.
+
+The daemon keeps no state the center depends on except the bytes in its
+store; everything else is rebuilt from the center's answers, so it can be
+restarted at any moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import signal
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+import tornado.httpserver
+import tornado.netutil
+import tornado.web
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from fdship import __version__
+from fdship import protocol as P
+from fdship.center.client import CenterClient
+from fdship.config import DaemonConfig, parse_hostport, read_token
+from fdship.daemon.fetch import FetchError, PeerPool
+from fdship.daemon.hooks import HookRunner
+from fdship.daemon.ratelimit import RateLimiter
+from fdship.daemon.serve import DownloadHandler, ServeStats
+from fdship.daemon.store import Store, free_space
+from fdship.errors import (BadRequest, ConfigError, FdshipError, IntegrityError, LocalIOError,
+                           NotFound, Unavailable, Unprocessable)
+from fdship.web import BaseHandler, MetricsHandler, NotFoundHandler
+
+log = logging.getLogger("fdship.daemon")
+
+ACK_FLUSH_SECONDS = 0.005
+FETCH_TIMEOUT = 120.0
+
+
+def _under(path: str, directory: str) -> bool:
+    directory = directory.rstrip("/") or "/"
+    return directory == "/" or path == directory or path.startswith(directory + "/")
+
+
+@dataclass
+class LoadSampler:
+    """psutil-based load figures, as rates between two samples."""
+
+    last_t: float = 0.0
+    last_net: Any = None
+    last_disk_busy: float = 0.0
+    ncpu: int = field(default_factory=lambda: psutil.cpu_count() or 1)
+
+    def __post_init__(self) -> None:
+        psutil.cpu_percent(None)  # prime: the first call always returns 0
+
+    def sample(self) -> dict[str, float]:
+        now = time.monotonic()
+        net = psutil.net_io_counters()
+        try:
+            disks = psutil.disk_io_counters(perdisk=True) or {}
+            busy = max((getattr(d, "busy_time", 0) for d in disks.values()), default=0) / 1000.0
+        except Exception:  # some kernels / containers hide disk stats
+            busy = 0.0
+        out = {"cpu": psutil.cpu_percent(None), "loadavg": os.getloadavg()[0] / self.ncpu,
+               "net_tx": 0.0, "net_rx": 0.0, "disk_busy": 0.0}
+        if self.last_net is not None and now > self.last_t:
+            dt = now - self.last_t
+            out["net_tx"] = max(0.0, (net.bytes_sent - self.last_net.bytes_sent) / dt)
+            out["net_rx"] = max(0.0, (net.bytes_recv - self.last_net.bytes_recv) / dt)
+            out["disk_busy"] = min(100.0, max(0.0, (busy - self.last_disk_busy) / dt * 100))
+        self.last_t, self.last_net, self.last_disk_busy = now, net, busy
+        return out
+
+
+class DaemonMetrics:
+    """A Prometheus collector reading the daemon's plain counters at scrape time."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+        self.registry = CollectorRegistry()
+        self.registry.register(self)  # type: ignore[arg-type]
+
+    def collect(self) -> Any:
+        d = self.d
+        s, f = d.serve_stats, d.pool.stats
+        yield CounterMetricFamily("fdship_bytes_served", "Chunk bytes served to peers",
+                                  value=s.bytes_served)
+        yield CounterMetricFamily("fdship_bytes_received", "Chunk bytes fetched from peers",
+                                  value=f.bytes_received)
+        yield CounterMetricFamily("fdship_chunks_fetched", "Chunks fetched and verified",
+                                  value=f.chunks_ok)
+        c = CounterMetricFamily("fdship_chunk_fetch_failures", "Chunk fetches that failed",
+                                labels=["reason"])
+        for k, v in sorted(f.failures.items()):
+            c.add_metric([k], v)
+        yield c
+        yield CounterMetricFamily("fdship_hash_mismatches", "Chunks whose xxh3 did not match",
+                                  value=f.failures.get(P.FAIL_HASH, 0))
+        yield GaugeMetricFamily("fdship_uploads_in_flight", "Chunks being served",
+                                value=s.uploads_in_flight)
+        yield GaugeMetricFamily("fdship_downloads_in_flight", "Chunks being fetched",
+                                value=f.in_flight)
+        w = CounterMetricFamily("fdship_rate_limit_waits", "Times a transfer waited for the "
+                                "rate cap", labels=["direction"])
+        w.add_metric(["upload"], d.up_limiter.waits)
+        w.add_metric(["download"], d.down_limiter.waits)
+        yield w
+        yield GaugeMetricFamily("fdship_heartbeat_age_seconds", "Seconds since the center last "
+                                "answered a heartbeat",
+                                value=time.monotonic() - d.last_beat_ok if d.last_beat_ok else -1)
+        yield CounterMetricFamily("fdship_files_installed", "Files packed into place",
+                                  value=d.counters["packed"])
+
+
+class Daemon:
+    def __init__(self, cfg: DaemonConfig, token: str = "") -> None:
+        self.cfg = cfg
+        self.token = token
+        self.name = cfg.name
+        self.boot_id = uuid.uuid4().hex
+        self.store = Store(cfg.data_dir, cfg.root)
+        self.up_limiter = RateLimiter(cfg.upload_rate)
+        self.down_limiter = RateLimiter(cfg.download_rate)
+        self.pool = PeerPool(token=token, limiter=self.down_limiter)
+        self.serve_stats = ServeStats()
+        self.center = CenterClient(cfg.center, token)
+        self.hooks = HookRunner(cfg.hooks)
+        self.chunk_size: int | None = None
+        self.want_inventory = True
+        self.last_beat_ok = 0.0
+        self.active: dict[tuple[str, int, int], asyncio.Task[Any]] = {}
+        self.fetch_slots = asyncio.Semaphore(max(1, cfg.max_downloads))
+        self.acks: deque[P.Ack] = deque()
+        self.ack_event = asyncio.Event()
+        self.packs: dict[tuple[str, int], asyncio.Task[Any]] = {}
+        self.not_live: dict[str, int] = {}
+        self.counters = {"packed": 0, "pack_failed": 0}
+        self.sampler = LoadSampler()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._bg: set[asyncio.Task[Any]] = set()
+        root = os.path.realpath(cfg.root)
+        self.allow_dest_real = [os.path.realpath(d) for d in cfg.allow_dest]
+        self.allow_source_real = [os.path.realpath(d) for d in cfg.allow_source]
+        # Allowed destinations as the center sees them: paths before --root mapping.
+        self.allow_dest_view: list[str] = []
+        for d in self.allow_dest_real:
+            if root == "/":
+                self.allow_dest_view.append(d)
+            elif _under(d, root):
+                self.allow_dest_view.append("/" + os.path.relpath(d, root).lstrip("./")
+                                            if d != root else "/")
+            else:
+                log.warning("allow_dest %s is outside root %s: no destination can match it", d,
+                            root)
+        self.metrics = DaemonMetrics(self)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._tasks = [asyncio.ensure_future(self._heartbeats()),
+                       asyncio.ensure_future(self._ack_sender())]
+
+    async def stop(self) -> None:
+        for t in self._tasks + list(self.active.values()) + list(self._bg):
+            t.cancel()
+        for t in self._tasks + list(self.active.values()) + list(self._bg):
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        await self.pool.close()
+        self.store.close()
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        t = asyncio.ensure_future(coro)
+        self._bg.add(t)
+        t.add_done_callback(self._bg.discard)
+        return t
+
+    # ------------------------------------------------------------------ heartbeats
+
+    def _free(self) -> dict[str, int]:
+        out = {}
+        dirs = list(zip(self.allow_dest_view, self.allow_dest_real)) or \
+            [("/", os.path.realpath(self.cfg.root))]
+        for view, real in dirs:
+            try:
+                out[view] = free_space(real)
+            except OSError:
+                pass
+        return out
+
+    def beat(self) -> P.Heartbeat:
+        ld = self.sampler.sample()
+        load = P.Load(cpu=ld["cpu"], loadavg=ld["loadavg"], net_tx=ld["net_tx"],
+                      net_rx=ld["net_rx"], disk_busy=ld["disk_busy"],
+                      uploads=self.serve_stats.uploads_in_flight,
+                      downloads=self.pool.stats.in_flight,
+                      bytes_served=self.serve_stats.bytes_served,
+                      bytes_received=self.pool.stats.bytes_received)
+        return P.Heartbeat(name=self.name, address=self.cfg.advertise, boot_id=self.boot_id,
+                           labels=tuple(self.cfg.label), load=load, free=self._free(),
+                           allow_dest=tuple(self.allow_dest_view), hooks=tuple(self.cfg.hooks),
+                           max_uploads=self.cfg.max_uploads, max_downloads=self.cfg.max_downloads,
+                           version=__version__,
+                           inventory=tuple(self.store.inventory()) if self.want_inventory else None)
+
+    async def _heartbeats(self) -> None:
+        failures = 0
+        while True:
+            try:
+                reply = await self.center.heartbeat(self.beat())
+                if failures:
+                    log.info("center %s reachable again", self.cfg.center)
+                failures = 0
+                self.last_beat_ok = time.monotonic()
+                self.chunk_size = reply.chunk_size
+                self.want_inventory = reply.want_inventory
+                self._drop_finished(set(reply.live_jobs))
+                await asyncio.sleep(self.cfg.heartbeat_interval)
+            except asyncio.CancelledError:
+                raise
+            except FdshipError as e:
+                failures += 1
+                self.want_inventory = True  # the center may have restarted: re-register fully
+                if failures == 1 or failures % 30 == 0:
+                    log.warning("heartbeat to %s failed (%d in a row): %s", self.cfg.center,
+                                failures, e)
+                await asyncio.sleep(min(5.0, self.cfg.heartbeat_interval * (1 + failures / 4)))
+            except Exception:
+                log.exception("heartbeat failed")
+                await asyncio.sleep(self.cfg.heartbeat_interval)
+
+    def _drop_finished(self, live: set[str]) -> None:
+        """Forget staging and snapshots of jobs the center no longer runs.
+
+        A job must be reported not-live twice in a row: a job submitted a moment
+        ago may be missing from a reply computed just before it was accepted.
+        """
+        for job in self.store.jobs():
+            if job in live or any(k[0] == job for k in self.active):
+                self.not_live.pop(job, None)
+                continue
+            n = self.not_live[job] = self.not_live.get(job, 0) + 1
+            if n >= 2:
+                log.info("job=%s over: dropping its staging and snapshots", job)
+                self.store.drop_job(job)
+                self.not_live.pop(job, None)
+
+    # ------------------------------------------------------------------ acks
+
+    def queue_ack(self, ack: P.Ack) -> None:
+        self.acks.append(ack)
+        self.ack_event.set()
+
+    async def _ack_sender(self) -> None:
+        """Send acks in batches; hold them (in order) while the center is away."""
+        failures = 0
+        while True:
+            await self.ack_event.wait()
+            await asyncio.sleep(ACK_FLUSH_SECONDS)  # let a few acks gather
+            batch = [self.acks[i] for i in range(min(len(self.acks), 1000))]
+            try:
+                await self.center.ack(P.AckBatch(host=self.name, acks=tuple(batch)))
+                for _ in batch:
+                    self.acks.popleft()
+                failures = 0
+            except BadRequest as e:
+                log.error("center refused %d acks: %s", len(batch), e)
+                for _ in batch:
+                    self.acks.popleft()
+            except FdshipError as e:
+                failures += 1
+                if failures == 1 or failures % 30 == 0:
+                    log.warning("acks to center failed (%d in a row), will retry: %s", failures, e)
+                await asyncio.sleep(min(5.0, 0.2 * 2 ** min(failures, 5)) * (0.5 + random.random()))
+            if not self.acks:
+                self.ack_event.clear()
+
+    async def send_fin(self, fin: P.Fin) -> None:
+        """Report a pack or hook outcome, retrying until the center takes it."""
+        for attempt in range(1, 10_000):
+            try:
+                await self.center.fin(fin)
+                return
+            except BadRequest as e:
+                log.error("job=%s center refused fin: %s", fin.job, e)
+                return
+            except FdshipError as e:
+                if attempt == 1 or attempt % 30 == 0:
+                    log.warning("job=%s fin to center failed, will retry: %s", fin.job, e)
+                await asyncio.sleep(min(5.0, 0.2 * 2 ** min(attempt, 5)) * (0.5 + random.random()))
+
+    # ------------------------------------------------------------------ target: pull
+
+    def check_dest_allowed(self, final: str) -> None:
+        real = os.path.realpath(final)
+        if self.allow_dest_real and not any(_under(real, d) for d in self.allow_dest_real):
+            raise LocalIOError(f"destination {final} is not allowed on {self.name}: it resolves "
+                               f"to {real}, outside allow_dest ({', '.join(self.cfg.allow_dest)})")
+
+    async def pull(self, req: P.PullRequest) -> int:
+        loop = asyncio.get_running_loop()
+        bad: dict[int, str] = {}
+        stagings = {}
+        chunk_size = self._job_chunk_size(req)
+        for sf in req.files:
+            try:
+                self.check_dest_allowed(self.store.final_path(sf.dest))
+                stagings[sf.file] = await loop.run_in_executor(
+                    None, self.store.open_staging, req.job, sf.file, sf.dest, sf.size, sf.xxh3,
+                    chunk_size)
+            except FdshipError as e:
+                log.warning("job=%s cannot stage file %d at %s: %s", req.job, sf.file, sf.dest, e)
+                bad[sf.file] = str(e)
+        started = 0
+        for f in req.fetches:
+            key = (req.job, f.file, f.chunk)
+            if f.file in bad:
+                self.queue_ack(P.Ack(job=req.job, file=f.file, chunk=f.chunk, peer=f.peer_name,
+                                     ok=False, kind=P.FAIL_LOCAL, error=bad[f.file]))
+                continue
+            st = stagings.get(f.file) or self.store.staging(req.job, f.file)
+            if st is None:
+                self.queue_ack(P.Ack(job=req.job, file=f.file, chunk=f.chunk, peer=f.peer_name,
+                                     ok=False, kind=P.FAIL_LOCAL,
+                                     error=f"pull for file {f.file} came without its staging "
+                                           "description"))
+                continue
+            if f.chunk in st.verified:  # already here (e.g. the ack was lost): ack again
+                self.queue_ack(P.Ack(job=req.job, file=f.file, chunk=f.chunk, peer=f.peer_name,
+                                     ok=True, nbytes=0))
+                continue
+            if key in self.active:
+                continue  # already fetching it (the center re-sent after a restart)
+            self.active[key] = asyncio.ensure_future(self._fetch(req.job, f, st))
+            started += 1
+        return started
+
+    def _job_chunk_size(self, req: P.PullRequest) -> int:
+        # Chunk size = the span of chunk 0 when the file has more than one chunk;
+        # otherwise any fetch's size works as long as it is chunk 0.
+        for f in req.fetches:
+            if f.chunk > 0:
+                return f.offset // f.chunk
+        for f in req.fetches:
+            return max(f.size, 1) if f.chunk == 0 else f.offset // f.chunk
+        return self.chunk_size or P.DEFAULT_CHUNK_SIZE
+
+    async def _fetch(self, job: str, f: P.Fetch, st: Any) -> None:
+        key = (job, f.file, f.chunk)
+        t0 = time.monotonic()
+        try:
+            async with self.fetch_slots:
+                n = await self.pool.fetch(f.peer, job, f.file, f.chunk, f.size, f.xxh3,
+                                          st.write_fd, f.offset, FETCH_TIMEOUT)
+            st.mark_chunk(f.chunk, f.xxh3)
+            self.queue_ack(P.Ack(job=job, file=f.file, chunk=f.chunk, peer=f.peer_name, ok=True,
+                                 nbytes=n, seconds=round(time.monotonic() - t0, 4)))
+        except FetchError as e:
+            log.info("job=%s chunk %d/%d from %s failed (%s): %s", job, f.file, f.chunk,
+                     f.peer_name, e.kind, e)
+            self.queue_ack(P.Ack(job=job, file=f.file, chunk=f.chunk, peer=f.peer_name, ok=False,
+                                 kind=e.kind, error=str(e),
+                                 seconds=round(time.monotonic() - t0, 4)))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.exception("job=%s chunk %d/%d: unexpected error", job, f.file, f.chunk)
+            self.queue_ack(P.Ack(job=job, file=f.file, chunk=f.chunk, peer=f.peer_name, ok=False,
+                                 kind=P.FAIL_LOCAL, error=f"internal error: {e}"))
+        finally:
+            self.active.pop(key, None)
+
+    # ------------------------------------------------------------------ target: pack
+
+    def pack(self, req: P.PackRequest) -> None:
+        if req.notify and not req.file.dest:
+            self.spawn(self._run_hook(req))
+            return
+        key = (req.job, req.file.file)
+        if key in self.packs:
+            return
+        self.packs[key] = self.spawn(self._pack(req))
+
+    async def _pack(self, req: P.PackRequest) -> None:
+        loop = asyncio.get_running_loop()
+        sf = req.file
+        try:
+            final = self.store.final_path(sf.dest)
+            self.check_dest_allowed(final)
+            res = await loop.run_in_executor(None, self.store.pack, req.job, sf.file, sf.dest)
+            self.counters["packed"] += 1
+            log.info("job=%s installed %s (%d bytes) in %.3f s", req.job, res.path, res.size,
+                     res.seconds)
+            fin = P.Fin(job=req.job, host=self.name, file=sf.file, ok=True)
+        except IntegrityError as e:
+            self.counters["pack_failed"] += 1
+            log.warning("job=%s %s", req.job, e)
+            fin = P.Fin(job=req.job, host=self.name, file=sf.file, ok=False, error=str(e),
+                        kind="integrity")
+        except FdshipError as e:
+            self.counters["pack_failed"] += 1
+            log.warning("job=%s cannot install %s: %s", req.job, sf.dest, e)
+            fin = P.Fin(job=req.job, host=self.name, file=sf.file, ok=False, error=str(e),
+                        kind="local")
+        except OSError as e:
+            self.counters["pack_failed"] += 1
+            fin = P.Fin(job=req.job, host=self.name, file=sf.file, ok=False,
+                        error=f"cannot install {sf.dest}: {e.strerror}", kind="local")
+        finally:
+            self.packs.pop((req.job, sf.file), None)
+        await self.send_fin(fin)
+
+    async def _run_hook(self, req: P.PackRequest) -> None:
+        files = []
+        for i in range(req.files_total):
+            st = self.store.staging(req.job, i)
+            if st is not None:
+                files.append(st.final_path)
+            else:
+                src = self.store.source(req.job, i)
+                if src is not None:
+                    files.append(src.path)
+        res = await self.hooks.run(req.notify, req.job, files)
+        log.info("job=%s hook %s: %s", req.job, req.notify, res.summary())
+        await self.send_fin(P.Fin(job=req.job, host=self.name, file=-1, ok=res.ok,
+                                  error="" if res.ok else res.summary(), hook=res.to_json()))
+
+    # ------------------------------------------------------------------ source: api
+
+    def check_source(self, path: str) -> None:
+        if not isinstance(path, str) or not os.path.isabs(path) or "\0" in path:
+            raise BadRequest(f"{path!r} is not an absolute path: name files by their full path")
+        real = os.path.realpath(path)
+        if self.allow_source_real and not any(_under(real, d) for d in self.allow_source_real):
+            raise BadRequest(f"{path} is outside the directories this daemon may ship from "
+                             f"({', '.join(self.cfg.allow_source)}); move it there or add its "
+                             "directory to allow_source", status=403)
+
+    async def submit(self, req: P.ApiRequest) -> tuple[str, P.JobRequest]:
+        """Snapshot the files and submit the job; returns (job id, request sent)."""
+        if self.chunk_size is None:
+            raise Unavailable(f"this daemon has not registered with the center "
+                              f"{self.cfg.center} yet; is the center running?")
+        if req.dest and (not req.dest.startswith("/") or "\0" in req.dest
+                         or ".." in req.dest.split("/")):
+            raise BadRequest(f"dest {req.dest!r} must be an absolute directory path without '..'")
+        if len(set(req.files)) != len(req.files):
+            raise BadRequest("the same file is named twice")
+        for path in req.files:
+            self.check_source(path)
+        dests = [os.path.join(req.dest, os.path.basename(p)) if req.dest else p
+                 for p in req.files]
+        if len(set(dests)) != len(dests):
+            raise BadRequest("two files would land at the same destination; ship them with "
+                             "different --dest or in separate jobs")
+        loop = asyncio.get_running_loop()
+        chunk_size = self.chunk_size
+        snaps = []
+        try:
+            for path in req.files:
+                snaps.append(await loop.run_in_executor(None, self.store.snapshot, path,
+                                                        chunk_size))
+            files = tuple(P.FileSpec(path=s.path, dest=d, size=s.size, xxh3=s.xxh3,
+                                     chunks=tuple(s.chunks)) for s, d in zip(snaps, dests))
+            jreq = P.JobRequest(source=self.name, files=files, machines=req.machines,
+                                chunk_size=chunk_size, callback=req.callback, notify=req.notify)
+            job = await self.center.submit(jreq)
+        except BaseException:
+            for s in snaps:
+                self.store.discard_snapshot(s.key)
+            raise
+        self.store.commit_snapshots(job, [s.key for s in snaps])
+        log.info("job=%s submitted: %d files (%d bytes) to %s", job, len(files),
+                 sum(f.size for f in files), ",".join(req.machines))
+        return job, jreq
+
+    async def wait_result(self, job: str) -> dict[str, Any]:
+        """Wait for the job's result, riding through the center's absence."""
+        failures = 0
+        while True:
+            try:
+                res = await self.center.job(job, wait=25)
+                failures = 0
+                if res.get("state") != "running":
+                    return res
+            except NotFound:
+                raise
+            except FdshipError as e:
+                failures += 1
+                if failures == 1 or failures % 20 == 0:
+                    log.warning("job=%s waiting for result: center unreachable (%s); retrying",
+                                job, e)
+                await asyncio.sleep(min(5.0, 0.25 * 2 ** min(failures, 5)))
+
+
+# ---------------------------------------------------------------------- handlers
+
+
+class DaemonHandler(BaseHandler):
+    @property
+    def daemon(self) -> Daemon:
+        return self.settings["fdship_daemon"]  # type: ignore[no-any-return]
+
+
+class ApiHandler(DaemonHandler):
+    async def post(self) -> None:
+        req = self.parse(P.ApiRequest.from_json)
+        job, _ = await self.daemon.submit(req)
+        if req.callback or not req.wait:
+            self.send_json({"job": job}, status=202)
+            return
+        self.send_json(await self.daemon.wait_result(job))
+
+
+class PullHandler(DaemonHandler):
+    async def post(self) -> None:
+        req = self.parse(P.PullRequest.from_json)
+        n = await self.daemon.pull(req)
+        self.send_json({"accepted": n})
+
+
+class PackHandler(DaemonHandler):
+    async def post(self) -> None:
+        req = self.parse(P.PackRequest.from_json)
+        self.daemon.pack(req)
+        self.send_json({"accepted": True})
+
+
+class JobProxyHandler(DaemonHandler):
+    """GET /daemon/jobs/ID?wait=S: the job as the center sees it, for `fdship submit`
+    (the CLI only needs to reach its daemon, not the center)."""
+
+    async def get(self, job: str) -> None:
+        try:
+            wait = min(60.0, max(0.0, float(self.get_query_argument("wait", "0"))))
+        except ValueError:
+            raise BadRequest("wait must be a number of seconds") from None
+        self.send_json(await self.daemon.center.job(job, wait=wait))
+
+
+class StatusHandler(DaemonHandler):
+    def get(self) -> None:
+        d = self.daemon
+        self.send_json({"name": d.name, "address": d.cfg.advertise, "boot_id": d.boot_id,
+                        "registered": d.chunk_size is not None, "jobs": sorted(d.store.jobs()),
+                        "fetching": len(d.active), "acks_pending": len(d.acks),
+                        "bytes_served": d.serve_stats.bytes_served,
+                        "bytes_received": d.pool.stats.bytes_received,
+                        "fetch_failures": dict(d.pool.stats.failures), "version": __version__})
+
+
+def make_app(d: Daemon) -> tornado.web.Application:
+    return tornado.web.Application([
+        (P.DAEMON_API, ApiHandler),
+        (P.DAEMON_PULL, PullHandler),
+        (P.DAEMON_PACK, PackHandler),
+        (P.DAEMON_DOWNLOAD, DownloadHandler,
+         {"store": d.store, "limiter": d.up_limiter, "stats": d.serve_stats,
+          "fault": d.cfg.fault_inject}),
+        (P.DAEMON_STATUS, StatusHandler),
+        (r"/daemon/jobs/([^/]+)", JobProxyHandler),
+        (P.METRICS, MetricsHandler),
+    ], default_handler_class=NotFoundHandler, fdship_daemon=d, fdship_token=d.token,
+        fdship_registry=d.metrics.registry, compress_response=False)
+
+
+async def run_daemon(cfg: DaemonConfig) -> None:
+    """Run a daemon until SIGTERM/SIGINT.  Raises ConfigError when it cannot start."""
+    token = read_token(cfg.token_file)
+    host, port = parse_hostport(cfg.listen, "listen")
+    d = Daemon(cfg, token)
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, d.store.open)
+    except LocalIOError as e:
+        raise ConfigError(str(e)) from None
+    try:
+        sockets = tornado.netutil.bind_sockets(port, address=host or None)
+    except OSError as e:
+        d.store.close()
+        raise ConfigError(f"cannot listen on {cfg.listen}: {e.strerror}") from None
+    server = tornado.httpserver.HTTPServer(make_app(d), max_body_size=64 * 1024 * 1024,
+                                           idle_connection_timeout=120)
+    server.add_sockets(sockets)
+    d.start()
+    log.info("fdship daemon %s name=%s listening on %s advertising %s, center %s", __version__,
+             cfg.name, cfg.listen, cfg.advertise, cfg.center)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping")
+    server.stop()
+    await d.stop()
+    log.info("stopped")
+
+
+__all__ = ["Daemon", "run_daemon", "make_app", "Unprocessable"]
