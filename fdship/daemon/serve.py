@@ -78,6 +78,13 @@ def parse_fault(spec: str) -> tuple[str, float]:
     return kind, prob
 
 
+def _cork(sock: socket.socket, on: bool) -> None:
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1 if on else 0)
+    except OSError:
+        pass  # not TCP (a test's unix socket) or already closed: nothing to batch
+
+
 def _wake(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
@@ -172,10 +179,19 @@ class DownloadHandler(BaseHandler):
     async def _send_zero_copy(self, fd: int, offset: int, length: int, drop: bool) -> None:
         conn: Any = self.request.connection
         stream = conn.stream
+        sock: socket.socket = stream.socket
+        # Cork the socket so the headers leave in the same segment as the first
+        # body bytes: on loopback every separate segment costs a delivery to
+        # (and a wake-up of) the peer, which measured as a third of a small
+        # chunk's serving time.  nginx's tcp_nopush does the same.
+        _cork(sock, True)
         try:
-            # Headers first, through Tornado, and wait until they are on the
-            # wire so the body cannot overtake them.
-            await asyncio.wait_for(self.flush(), self.write_timeout)
+            # Headers first, through Tornado.  IOStream writes at once when it
+            # can; only if they did not all fit must we wait before sendfile,
+            # or the body would overtake them.
+            headers = self.flush()
+            if stream.writing():
+                await asyncio.wait_for(headers, self.write_timeout)
         except (StreamClosedError, asyncio.TimeoutError):
             raise self._abort() from None
         step = LIMITED_SLICE if self.limiter else length
@@ -206,6 +222,7 @@ class DownloadHandler(BaseHandler):
                 # The file is shorter than the store claims (truncated under us):
                 # hanging up is the only honest answer once headers are out.
                 raise self._abort()
+        _cork(sock, False)  # push out the last partial segment now
         if drop:
             raise self._abort()
         # Tell Tornado the body went out so its Content-Length check passes and
