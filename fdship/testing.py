@@ -104,6 +104,8 @@ class SimCluster:
         self.ended: dict[str, str] = {}
         self.cpu_seconds = 0.0
         self.events_handled = 0
+        # Durable events as the center would log them: (record, time).
+        self.durable_log: list[tuple[dict[str, Any], float]] = []
         self.fail_links: set[tuple[str, str]] = set()  # (peer, target) pairs that fail
         for n in names:
             self._deliver(self._beat(n))
@@ -119,6 +121,8 @@ class SimCluster:
         heapq.heappush(self.queue, (at, self._seq, ev))
 
     def _deliver(self, ev: Event) -> None:
+        if ev.durable:
+            self.durable_log.append((ev.to_record(), self.clock.now))
         t0 = time.process_time()
         actions = self.sched.handle(ev, self.clock.now)
         self.cpu_seconds += time.process_time() - t0

@@ -462,15 +462,17 @@ class Scheduler:
                     continue
                 if f in m.packed:
                     continue  # installed; nothing to fetch again
+                # Record what is there before forgetting what is not, so that the
+                # rescheduling after the loss does not assign a chunk already held.
+                for c in sorted(have - recorded):
+                    if c < job.file_chunks(f):
+                        actions.append(Commit(ChunkStored(job=job.id, host=h.name, file=f,
+                                                          chunk=c)))
                 lost = sorted(recorded - have)
                 if lost:
                     actions.append(Commit(ChunksLost(job=job.id, host=h.name, file=f,
                                                      chunks=tuple(lost),
                                                      reason="missing on disk after restart")))
-                for c in sorted(have - recorded):
-                    if c < job.file_chunks(f):
-                        actions.append(Commit(ChunkStored(job=job.id, host=h.name, file=f,
-                                                          chunk=c)))
         return actions
 
     def _on_FetchFailed(self, ev: FetchFailed, now: float) -> list[Action]:
@@ -793,24 +795,29 @@ class Scheduler:
         exclude = m.last_failed_peer.get(g, "")
         cands = placement.filter_peers(holders, m.name, avoid, exclude)
         cands = [h for h in cands if h.bad_serves < 3]
-        if not cands and exclude:
-            cands = placement.filter_peers(holders, m.name, avoid)
         best = placement.rank(cands, source=job.source, avoid=avoid, rng=self.rng,
                               w=self.weights)
         if best is not None:
             return best  # type: ignore[return-value]
-        # The source is the peer of last resort: once per chunk, or again when no
-        # other copy is alive or on its way (a holder died).
+        # The source is the peer of last resort: once per chunk, again when no
+        # other copy is alive or on its way (a holder died), or to retry a chunk
+        # whose only other holder just failed this target.
         src = hosts.get(job.source)
-        if (src is None or not job.source_ok or not src.alive or src.name == m.name
-                or src.uploads >= src.max_uploads
-                or avoid.get(src.name, 0) >= placement.AVOID_AFTER_FAILURES):
-            return None
-        if job.source_sends[g] < self.t.source_copies:
-            return src
-        alive_copy = any(hosts[n].alive for n in job.holders[g] if n in hosts)
-        if not alive_copy and job.inflight_count[g] == 0:
-            return src
+        src_ok = not (src is None or not job.source_ok or not src.alive or src.name == m.name
+                      or src.uploads >= src.max_uploads
+                      or avoid.get(src.name, 0) >= placement.AVOID_AFTER_FAILURES)
+        if src_ok:
+            if job.source_sends[g] < self.t.source_copies or exclude:
+                return src
+            alive_copy = any(hosts[n].alive for n in job.holders[g] if n in hosts)
+            if not alive_copy and job.inflight_count[g] == 0:
+                return src
+        if exclude:
+            # Nobody else can serve it: give the failed peer another chance (after
+            # the backoff) rather than stall.
+            cands = placement.filter_peers(holders, m.name, avoid)
+            return placement.rank(cands, source=job.source, avoid=avoid,  # type: ignore
+                                  rng=self.rng, w=self.weights)
         return None
 
     # ------------------------------------------------------------------ queries
