@@ -373,6 +373,10 @@ class PeerPool:
         if self.token:
             head += f"Authorization: Bearer {self.token}\r\n"
         request = (head + "\r\n").encode("latin-1")
+        # Our own reference to the staging file: if the job is dropped while we
+        # write, the store closes its fd, and a recycled fd number must never
+        # receive these bytes.
+        fd = os.dup(fd)
         conn: _Conn | None = None
         try:
             async with asyncio.timeout(timeout):
@@ -413,6 +417,8 @@ class PeerPool:
         finally:
             if conn is not None:  # error or cancellation: the stream state is unknown
                 conn.close()
+                conn.req = None
+            os.close(fd)
         raise FetchError(FAIL_CONNECT, f"peer {peer} closed the connection twice")
 
     async def close(self) -> None:

@@ -236,6 +236,9 @@ class Staging:
         self.created_dirs = created_dirs  # parents we made, fsynced at pack time
         self.verified: dict[int, str] = {}
         self.packed = False
+        # Serialises pack() for this file: the center may repeat a pack request
+        # while the first is still verifying, and only one may rename.
+        self.pack_lock = threading.Lock()
 
     @property
     def nchunks(self) -> int:
@@ -786,21 +789,27 @@ class Store:
         if st is None and src is None:
             raise NotFound(f"job {job} file {file} has no staging file and no snapshot here; "
                            "it cannot be packed before it is pulled")
-        if st is not None and st.packed:
-            return PackResult(job, file, st.final_path, st.size, st.xxh3,
-                              time.monotonic() - t0, already=True)
-        use_snapshot = src is not None and len(src.valid) == len(src.chunks) and \
-            (st is None or not st.complete())
         if st is None:
             assert src is not None
             st = self.open_staging(job, file, dest or src.src_path, src.size, src.xxh3,
                                    src.chunk_size)
+        with st.pack_lock:
+            if st.packed:
+                return PackResult(job, file, st.final_path, st.size, st.xxh3,
+                                  time.monotonic() - t0, already=True)
+            use_snapshot = src is not None and len(src.valid) == len(src.chunks) and \
+                not st.complete()
+            self._install(st, src if use_snapshot else None)
+        return PackResult(job, file, st.final_path, st.size, st.xxh3, time.monotonic() - t0,
+                          from_snapshot=use_snapshot)
+
+    def _install(self, st: Staging, src: _Source | None) -> None:
+        job, file = st.job, st.file
         # Our own reference to the open file: drop_job() closing the cached fd
         # mid-pack must not let a recycled fd number receive the fsync.
         fd = os.dup(st.write_fd)
         try:
-            if use_snapshot:
-                assert src is not None
+            if src is not None:
                 self._kernel_copy(src.fd, fd, src.size, st.final_path)
             got, chunk_hashes = self._hash_file(fd, st.size, st.chunk_size)
             if got != st.xxh3:
@@ -837,8 +846,6 @@ class Store:
                 _unlink(meta[:-len(".json")] + ".chunks")
             except OSError as e:
                 log.warning("cannot record that job %s file %d was packed: %s", job, file, e)
-        return PackResult(job, file, st.final_path, st.size, st.xxh3, time.monotonic() - t0,
-                          from_snapshot=use_snapshot)
 
     @staticmethod
     def _kernel_copy(src: int, dst: int, size: int, final: str) -> None:

@@ -494,3 +494,16 @@ def test_fill_helper_really_fills(tmpfs: Callable[..., str]) -> None:
     small = tmpfs("1m")
     fill(os.path.join(small, "filler"), leave=64 * 1024)
     assert free_space(small) <= 128 * 1024
+
+
+def test_concurrent_pack_requests_install_once(store_factory: StoreFactory) -> None:
+    # The center may repeat a pack while the first is still verifying.
+    import concurrent.futures
+
+    s = store_factory()
+    data = os.urandom(64 * CS)
+    stage_bytes(s, "j", "/srv/f.bin", data)
+    with concurrent.futures.ThreadPoolExecutor(4) as ex:
+        results = list(ex.map(lambda _: s.pack("j", 0), range(4)))
+    assert sorted(r.already for r in results) == [False, True, True, True]
+    assert Path(results[0].path).read_bytes() == data
