@@ -23,20 +23,29 @@ import os
 import sys
 import time
 import tomllib
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any, ClassVar
 
 from textual import work
-from textual.app import App
-from textual.binding import Binding
+from textual.app import App, ScreenStackError
+from textual.binding import Binding, BindingType
 from textual.message import Message
 from textual.reactive import reactive
 
 from fdship.config import read_token
 from fdship.errors import FdshipError
 from tui.screens import HostsScreen, JobScreen, JobsScreen, MonitorScreen
-from tui.source import CONNECTING, RECONNECTING, DataSource, Event, HTTPSource, Snapshot, \
-    Status, Update
+from tui.source import (
+    CONNECTING,
+    RECONNECTING,
+    DataSource,
+    Event,
+    HTTPSource,
+    Snapshot,
+    Status,
+    Update,
+)
 from tui.view import Changes, ClusterView
 
 DEFAULT_CENTER = "http://127.0.0.1:7070"
@@ -63,11 +72,12 @@ class JobLoaded(Message):
 class MonitorApp(App[None]):
     """Follows one :class:`~tui.source.DataSource` and shows jobs, machines and hosts."""
 
-    CSS_PATH = "app.tcss"
+    # Absolute, so subclasses defined elsewhere (benchmarks, tests) find it too.
+    CSS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "app.tcss")
     TITLE = "fdship"
-    MODES = {"jobs": JobsScreen, "hosts": HostsScreen}
+    MODES: ClassVar[dict[str, Any]] = {"jobs": JobsScreen, "hosts": HostsScreen}
     DEFAULT_MODE = "jobs"
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("j", "show_jobs", "Jobs"),
         Binding("h", "show_hosts", "Hosts"),
         Binding("f", "toggle_failures", "Failures"),
@@ -139,9 +149,9 @@ class MonitorApp(App[None]):
             self._changed(self.view.load_snapshot(u.jobs, u.hosts))
             # Machine events may have been missed while disconnected: re-read
             # the job on screen in full.
-            screen = self.screen
-            if isinstance(screen, JobScreen):
-                self.load_job(screen.job_id)
+            front = self._front()
+            if isinstance(front, JobScreen):
+                self.load_job(front.job_id)
         elif isinstance(u, Status):
             self.status = u
             self.status_at = self.clock()
@@ -166,14 +176,22 @@ class MonitorApp(App[None]):
         self._redraw_scheduled = True
         wait = self._last_redraw + self.redraw_interval - time.perf_counter()
         if wait <= 0:
-            self.call_later(self._flush)
+            self.call_later(self._flush_changes)
         else:
-            self.set_timer(wait, self._flush)
+            self.set_timer(wait, self._flush_changes)
 
-    def _flush(self) -> None:
+    def _front(self) -> MonitorScreen | None:
+        """The screen in front, if it is one of ours (None while starting or quitting)."""
+        try:
+            screen = self.screen
+        except ScreenStackError:
+            return None
+        return screen if isinstance(screen, MonitorScreen) else None
+
+    def _flush_changes(self) -> None:
         self._redraw_scheduled = False
-        screen = self.screen
-        if not isinstance(screen, MonitorScreen) or not screen.is_mounted:
+        screen = self._front()
+        if screen is None or not screen.is_mounted:
             # Between screens: keep the changes; the next screen draws on resume.
             return
         changes, self._pending = self._pending, Changes()
@@ -195,8 +213,8 @@ class MonitorApp(App[None]):
 
     def redraw_now(self) -> None:
         """Redraw the screen in front in full (after switching screens or filters)."""
-        screen = self.screen
-        if isinstance(screen, MonitorScreen):
+        screen = self._front()
+        if screen is not None:
             self._redraw(screen)
         self._update_status()
 
@@ -211,8 +229,11 @@ class MonitorApp(App[None]):
             # The title bar already names the center; keep the line for the reason.
             status = replace(status, error=status.error.replace(
                 f" at {self.source.description}", ""))
-        for line in self.screen.query(StatusLine):
-            line.show(status, left, self.view.totals(), self.failures_only)
+        screen = self._front()
+        if screen is None:
+            return
+        for line in screen.query(StatusLine):
+            line.show_status(status, left, self.view.totals(), self.failures_only)
 
     def _on_tick(self) -> None:
         self.redraw_now()

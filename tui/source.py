@@ -38,13 +38,20 @@ import random
 import ssl
 import time
 from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Mapping, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlencode, urlsplit
 
 from fdship import protocol
-from fdship.errors import BadRequest, FdshipError, NotFound, ProtocolError, Unauthorized, \
-    Unavailable
+from fdship.errors import (
+    BadRequest,
+    FdshipError,
+    NotFound,
+    ProtocolError,
+    Unauthorized,
+    Unavailable,
+)
 
 # --- updates -----------------------------------------------------------------------
 
@@ -313,7 +320,7 @@ class HTTPSource:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(self._host, self._port, ssl=ctx, limit=1 << 20),
                 self.connect_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise Unavailable(f"cannot reach the center at {self.center}: "
                               f"connect timed out after {self.connect_timeout:g}s") from None
         except OSError as e:
@@ -356,7 +363,7 @@ class HTTPSource:
     async def _read(self, aw: Any) -> bytes:
         try:
             data: bytes = await asyncio.wait_for(aw, self.idle_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise Unavailable(f"the center at {self.center} sent nothing for "
                               f"{self.idle_timeout:g}s") from None
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
@@ -422,10 +429,10 @@ class HTTPSource:
             raise
         except FdshipError as e:
             queue.put_nowait(e)
-        except Exception as e:  # a bug must still end the stream, visibly
+        except Exception as e:  # noqa: BLE001 - a bug must still end the stream, visibly
             queue.put_nowait(Unavailable(f"event stream failed: {e!r}"))
 
-    async def updates(self) -> AsyncIterator[Update]:
+    async def updates(self) -> AsyncGenerator[Update, None]:
         attempt = 0
         while not self._closed:
             yield Status(CONNECTING, attempt=attempt)
@@ -567,7 +574,7 @@ class MemorySource:
     def snapshot(self) -> Snapshot:
         return Snapshot(_deep(list(self.jobs.values())), _deep(list(self.hosts.values())))
 
-    async def updates(self) -> AsyncIterator[Update]:
+    async def updates(self) -> AsyncGenerator[Update, None]:
         self._queue = asyncio.Queue()
         while self._backlog:
             self._queue.put_nowait(self._backlog.popleft())

@@ -20,16 +20,17 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 # --- human formatting ---------------------------------------------------------
 
 _BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 
-def human_bytes(n: float | int | None, short: bool = False) -> str:
+def human_bytes(n: float | None, short: bool = False) -> str:
     """1536 -> '1.50 KiB' (or '1.50K' when ``short``).  Binary units, like the config's sizes."""
     if n is None or _bad(n):
         return "-"
@@ -51,14 +52,14 @@ def human_bytes(n: float | int | None, short: bool = False) -> str:
     raise AssertionError("unreachable: the last unit always returns")  # pragma: no cover
 
 
-def human_rate(bps: float | int | None, short: bool = False) -> str:
+def human_rate(bps: float | None, short: bool = False) -> str:
     """Bytes per second -> '81.2 MiB/s' (or '81.2M' when ``short``); unknown -> '-'."""
     if bps is None or _bad(bps):
         return "-"
     return human_bytes(bps, short) + ("" if short else "/s")
 
 
-def human_duration(seconds: float | int | None) -> str:
+def human_duration(seconds: float | None) -> str:
     """Seconds -> '9s', '1m05s', '2h03m', '3d04h'; unknown -> '-'.
 
     Two units at most: a person glancing at a table wants the order of
@@ -118,7 +119,7 @@ def parse_time(value: Any) -> float | None:
         return None
     if dt.tzinfo is None:
         # The center writes UTC; a timestamp without a zone is still UTC.
-        dt = dt.replace(tzinfo=timezone.utc)
+        dt = dt.replace(tzinfo=UTC)
     return dt.timestamp()
 
 
@@ -171,7 +172,7 @@ def sparkline(values: Sequence[float], width: int, top: float | None = None) -> 
         if peak <= 0:
             out.append(SPARK_BLOCKS[0])
         else:
-            idx = int(round(v / peak * (len(SPARK_BLOCKS) - 1)))
+            idx = round(v / peak * (len(SPARK_BLOCKS) - 1))
             out.append(SPARK_BLOCKS[min(max(idx, 0), len(SPARK_BLOCKS) - 1)])
     return " " * (width - len(out)) + "".join(out)
 
@@ -194,7 +195,7 @@ class HostHistory:
 
     def total(self) -> list[float]:
         """tx + rx per sample: one line that shows the host working either way."""
-        return [a + b for a, b in zip(self.tx, self.rx)]
+        return [a + b for a, b in zip(self.tx, self.rx, strict=True)]
 
     def spark(self, width: int) -> str:
         return sparkline(self.total(), width)

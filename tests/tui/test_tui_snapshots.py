@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import tui_fixtures as fx  # noqa: E402 (tests/tui is on sys.path)
+import tui_fixtures as fx
 from textual.pilot import Pilot
 from tui_helpers import fixture_app, ready, settled, status, table
 

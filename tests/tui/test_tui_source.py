@@ -11,10 +11,11 @@ import asyncio
 import random
 import socket
 import time
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
-import tui_fixtures as fx  # noqa: E402 (tests/tui is on sys.path)
+import tui_fixtures as fx
 from tui_center import FakeCenter
 
 from fdship.errors import BadRequest
@@ -81,7 +82,7 @@ def test_backoff_doubles_to_cap_and_resets() -> None:
     assert b.next() == 0.5
     j = Backoff(base=1.0, cap=100.0, jitter=0.1, rng=random.Random(3))
     ds = [j.next() for _ in range(4)]
-    for d, want in zip(ds, [1, 2, 4, 8]):
+    for d, want in zip(ds, [1, 2, 4, 8], strict=True):
         assert want * 0.9 <= d <= want * 1.1
     assert len(set(ds)) == 4
     with pytest.raises(ValueError):
@@ -105,7 +106,7 @@ async def collect_until(it: AsyncIterator[Update], pred: Callable[[Update], bool
 
     try:
         await asyncio.wait_for(run(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise AssertionError(f"no matching update within {timeout}s; got {out}") from None
     return out
 

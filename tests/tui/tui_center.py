@@ -21,7 +21,6 @@ from typing import Any
 import tornado.httpserver
 import tornado.iostream
 import tornado.web
-
 import tui_fixtures as fx
 
 
@@ -149,11 +148,12 @@ class _Events(_Base):
         self.set_header("Content-Type", "text/event-stream")
         self.set_header("Cache-Control", "no-cache")
         conn = self.request.connection
+        assert conn is not None
         self.c._streams.add(conn)
         try:
             self.write(": hello\n\n")
             await self.flush()
-            while not conn.stream.closed():
+            while not conn.stream.closed():  # type: ignore[attr-defined]
                 if self.c.silent:
                     await asyncio.sleep(0.05)
                     continue
@@ -168,9 +168,122 @@ class _Events(_Base):
                 async with cond:
                     try:
                         await asyncio.wait_for(cond.wait(), 0.5)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         pass
         except tornado.iostream.StreamClosedError:
             pass
         finally:
             self.c._streams.discard(conn)
+
+
+# --- a feeder for the TUI benchmark: a 50-machine job progressing at a set event rate ----
+
+
+BENCH_JOB = "20261122T100000-0050"
+
+
+def setup_job(c: FakeCenter, job_id: str, machines: int, chunks: int, hosts: int) -> None:
+    """Replace the fixture data with one running job of ``machines`` targets, all pending."""
+    chunk = 4 * 1024 * 1024
+    names = [f"m-{i:03d}" for i in range(machines)]
+    c.details = {job_id: {"job": job_id, "machines": {n: {
+        "state": "pending", "chunks_done": 0, "chunks_total": chunks, "bytes_done": 0,
+        "bytes_total": chunks * chunk, "rate": 0.0, "eta": None, "attempts": 0,
+        "error": None} for n in names}}}
+    c.jobs = {job_id: {"job": job_id, "state": "running", "created": fx._ts(0),
+                       "finished": None, "source": "src", "files": 1,
+                       "bytes_total": machines * chunks * chunk, "bytes_done": 0,
+                       "progress": 0.0, "rate": 0.0,
+                       "machines": {"total": machines, "done": 0, "failed": 0,
+                                    "running": machines}}}
+    c.hosts = {f"h-{i:03d}": fx.host(f"h-{i:03d}", i % 200) for i in range(hosts)}
+
+
+def feed_job(c: FakeCenter, job_id: str, machines: int, chunks: int, rate: float,
+             seconds: float) -> None:
+    """Publish machine, job and host events like a center following one big job.
+
+    ``rate`` machine events per second spread round-robin over the machines
+    (one per acked chunk, the way the center reports progress), a job summary
+    every tenth, and one host heartbeat per host per second.  Each event
+    carries ``sent_at`` (``time.monotonic()``, system-wide on Linux) so the
+    benchmark can measure center-to-screen latency from another process.
+    """
+    import time
+
+    from tornado.ioloop import PeriodicCallback
+
+    chunk = 4 * 1024 * 1024
+    names = [f"m-{i:03d}" for i in range(machines)]
+    done = dict.fromkeys(names, 0)
+    t0 = time.monotonic()
+    state = {"i": 0, "sent": 0}
+    beat = [0.0]
+    tick = 0.01
+
+    def step() -> None:
+        now = time.monotonic()
+        elapsed = now - t0
+        if elapsed > seconds:
+            return
+        want = int(elapsed * rate)
+        while state["sent"] < want:
+            n = names[state["i"] % machines]
+            state["i"] += 1
+            state["sent"] += 1
+            done[n] = min(chunks, done[n] + 1)
+            st = "done" if done[n] == chunks else "fetching"
+            c.publish("machine", {"job": job_id, "machine": n, "state": st,
+                                  "chunks_done": done[n], "chunks_total": chunks,
+                                  "bytes_done": done[n] * chunk, "bytes_total": chunks * chunk,
+                                  "rate": 60.0 * 1024 * 1024, "eta": (chunks - done[n]) / 15,
+                                  "attempts": 1, "error": None, "sent_at": time.monotonic()})
+            if state["sent"] % 10 == 0:
+                total = sum(done.values())
+                c.publish("job", {"job": job_id, "state": "running",
+                                  "bytes_done": total * chunk,
+                                  "progress": total / (machines * chunks),
+                                  "rate": machines * 60.0 * 1024 * 1024,
+                                  "machines": {"total": machines,
+                                               "done": sum(1 for v in done.values()
+                                                           if v == chunks),
+                                               "failed": 0, "running": machines},
+                                  "sent_at": time.monotonic()})
+        if now - beat[0] >= 1.0:
+            beat[0] = now
+            for h in c.hosts.values():
+                c.publish("host", {**h, "sent_at": time.monotonic()})
+
+    PeriodicCallback(step, tick * 1000).start()
+
+
+def main() -> None:
+    """``python tui_center.py --port P ...``: serve a fake center feeding one job; runs
+    until ``--seconds`` plus a grace period have passed (bounded in time)."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--machines", type=int, default=50)
+    p.add_argument("--chunks", type=int, default=256)
+    p.add_argument("--rate", type=float, default=400.0)
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--hosts", type=int, default=51)
+    p.add_argument("--start-delay", type=float, default=2.0)
+    a = p.parse_args()
+
+    async def run() -> None:
+        c = FakeCenter()
+        c.port = a.port
+        setup_job(c, BENCH_JOB, a.machines, a.chunks, a.hosts)
+        c.start()
+        await asyncio.sleep(a.start_delay)  # let the follower connect first
+        feed_job(c, BENCH_JOB, a.machines, a.chunks, a.rate, a.seconds)
+        await asyncio.sleep(a.seconds + 5)
+        await c.stop()
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import copy
 import random
+from datetime import UTC
 from typing import Any
 
 from tui.source import MemorySource
 from tui.view import parse_time
 
 NOW_ISO = "2026-11-22T10:05:00Z"
-NOW = parse_time(NOW_ISO)
-assert NOW is not None
+_now = parse_time(NOW_ISO)
+assert _now is not None
+NOW: float = _now
 GiB = 1024**3
 MiB = 1024**2
 
@@ -29,8 +31,8 @@ PERM = ("cannot write /srv/app/current/model.bin: permission denied (the daemon 
 
 
 def _ts(seconds_before_now: float) -> str:
-    from datetime import datetime, timezone
-    return datetime.fromtimestamp(NOW - seconds_before_now, timezone.utc).strftime(
+    from datetime import datetime
+    return datetime.fromtimestamp(NOW - seconds_before_now, UTC).strftime(
         "%Y-%m-%dT%H:%M:%SZ")
 
 
@@ -129,7 +131,7 @@ def host(name: str, i: int, alive: bool = True, tx: float = 0.0, rx: float = 0.0
             "load": {"cpu": cpu, "loadavg": cpu / 50, "net_tx": tx, "net_rx": rx,
                      "disk_busy": 3.0, "uploads": 2 if tx else 0, "downloads": 3 if rx else 0,
                      "bytes_served": 0, "bytes_received": 0},
-            "free": {"/srv": (200 - 9 * i) * GiB, "/var/lib/fdship": 50 * GiB},
+            "free": {"/srv": (200 - 9 * i) * GiB, "/var/lib/fdship": (30 + 37 * i % 90) * GiB},
             "version": "0.1.0"}
 
 
@@ -146,9 +148,10 @@ def host_history_events(samples: int = 14) -> list[dict[str, Any]]:
     """A deterministic NIC history: each host ramps up and down over ``samples`` beats."""
     out = []
     base = {h["name"]: h for h in hosts()}
+    shape = [0.1, 0.3, 0.6, 0.9, 1.0, 0.8, 0.95, 0.7, 0.5, 0.65, 0.85, 1.0, 0.9, 0.75]
     for s in range(samples):
-        wave = [0.1, 0.3, 0.6, 0.9, 1.0, 0.8, 0.95, 0.7, 0.5, 0.65, 0.85, 1.0, 0.9, 0.75][s % 14]
-        for name, h in base.items():
+        for k, h in enumerate(base.values()):
+            wave = shape[(s + 3 * k) % len(shape)]  # each host at its own phase
             h2 = copy.deepcopy(h)
             if h2["alive"]:
                 h2["load"]["net_tx"] *= wave

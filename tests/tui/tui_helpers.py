@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
+import tui_fixtures as fx
 from rich.text import Text
+from textual.css.query import NoMatches
 from textual.pilot import Pilot
 from textual.widgets import Static
 
-import tui_fixtures as fx
 from tui.app import MonitorApp
 from tui.source import DataSource
 from tui.widgets import RowTable, StatusLine
@@ -26,10 +28,17 @@ async def wait_until(pilot: Pilot[Any], pred: Callable[[], bool], timeout: float
                      what: str = "condition") -> None:
     """Let the app run until ``pred()`` holds; fail with ``what`` after ``timeout``."""
     deadline = time.monotonic() + timeout
-    while not pred():
+    while not _holds(pred):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         await pilot.pause(0.02)
+
+
+def _holds(pred: Callable[[], bool]) -> bool:
+    try:
+        return pred()
+    except NoMatches:  # a screen still composing its widgets
+        return False
 
 
 def plain(widget: Static) -> str:
@@ -37,11 +46,11 @@ def plain(widget: Static) -> str:
     return content.plain if isinstance(content, Text) else str(content)
 
 
-def table(app: MonitorApp, selector: str) -> RowTable:
+def table(app: Any, selector: str) -> RowTable:
     return app.screen.query_one(selector, RowTable)
 
 
-def status(app: MonitorApp) -> str:
+def status(app: Any) -> str:
     return plain(app.screen.query_one(StatusLine))
 
 

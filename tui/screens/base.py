@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from textual.screen import Screen
 from textual.widgets import Footer, Header
 
-from tui.view import BUSY, FAIL, IDLE, OK, ClusterView, Changes
+from tui.view import BUSY, FAIL, IDLE, OK, Changes, ClusterView
 from tui.widgets import StatusLine
 
 if TYPE_CHECKING:

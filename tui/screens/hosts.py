@@ -7,13 +7,15 @@ so a host that stopped moving bytes mid-job is visible at a glance.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.binding import Binding
-from textual.widgets import DataTable, Static
+from textual.binding import Binding, BindingType
 
 from tui.screens.base import MonitorScreen, style_of
-from tui.view import FAIL, ClusterView, Changes, HostRow, ellipsize, human_bytes
+from tui.view import FAIL, Changes, ClusterView, HostRow, human_bytes
+from tui.widgets.panel import Panel
 from tui.widgets.table import Cell, Column, RowTable
 
 SPARK = 12
@@ -30,13 +32,13 @@ COLUMNS = [
 
 
 class HostsScreen(MonitorScreen):
-    BINDINGS = [Binding("escape", "app.show_jobs", "Back", show=False)]
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "app.show_jobs", "Back", show=False)]
 
     def compose(self) -> ComposeResult:
         yield self.compose_header()
-        yield Static(id="summary", classes="summary")
+        yield Panel(id="summary", classes="summary")
         yield RowTable(COLUMNS, id="hosts")
-        yield Static(id="host-detail", classes="detail")
+        yield Panel(id="host-detail", classes="detail")
         yield self.compose_status()
         yield self.compose_footer()
 
@@ -51,7 +53,7 @@ class HostsScreen(MonitorScreen):
         self._rows = {r.name: r for r in rows}
         self._hosts = view.hosts
         self.query_one("#hosts", RowTable).set_rows([(r.name, [
-            Cell(ellipsize(r.name, 14), "bold red" if r.severity == FAIL else ""),
+            Cell(r.name, "bold red" if r.severity == FAIL else ""),
             Cell(r.status, style_of(r.severity)),
             Cell(r.cpu),
             Cell(r.tx),
@@ -61,16 +63,16 @@ class HostsScreen(MonitorScreen):
             Cell(r.inflight),
         ]) for r in rows])
         t = view.totals()
-        self.query_one("#summary", Static).update(
+        self.query_one("#summary", Panel).show(
             f"{t['hosts']} hosts · {t['alive']} up · {t['dead']} dead"
             + (" · dead hosts only" if failures else ""))
         self._show_detail(self.query_one("#hosts", RowTable).selected_key())
 
     def _show_detail(self, key: str | None) -> None:
-        panel = self.query_one("#host-detail", Static)
+        panel = self.query_one("#host-detail", Panel)
         row: HostRow | None = getattr(self, "_rows", {}).get(key) if key else None
         if row is None:
-            panel.update("no hosts reported yet" if not getattr(self, "_rows", None) else "")
+            panel.show("no hosts reported yet" if not getattr(self, "_rows", None) else "")
             return
         text = Text()
         text.append(row.name, style="bold")
@@ -85,8 +87,8 @@ class HostsScreen(MonitorScreen):
         if isinstance(free, dict) and free:
             text.append("\nfree: " + "  ".join(f"{k} {human_bytes(v)}"
                                                 for k, v in sorted(free.items())))
-        panel.update(text)
+        panel.show(text)
 
-    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+    def on_row_table_highlighted(self, event: RowTable.Highlighted) -> None:
         event.stop()
-        self._show_detail(event.row_key.value)
+        self._show_detail(event.key)

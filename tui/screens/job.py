@@ -7,13 +7,15 @@ table cell would cut).  Escape goes back to the Jobs screen.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.binding import Binding
-from textual.widgets import DataTable, Static
+from textual.binding import Binding, BindingType
 
 from tui.screens.base import MonitorScreen, style_of
-from tui.view import FAIL, ClusterView, Changes, MachineRow, ellipsize
+from tui.view import FAIL, Changes, ClusterView, MachineRow
+from tui.widgets.panel import Panel
 from tui.widgets.table import Cell, Column, RowTable
 
 FIXED = [
@@ -24,13 +26,11 @@ FIXED = [
     Column("eta", "ETA", 6, right=True),
     Column("attempts", "TRY", 3, right=True),
 ]
-COLUMNS = FIXED + [Column("error", "ERROR", None)]
-# Each column is padded by one cell on each side; keep two for the scroll bar.
-_USED = sum((c.width or 0) + 2 for c in FIXED) + 2 + 2
+COLUMNS = FIXED + [Column("error", "ERROR", None)]  # takes the width left over
 
 
 class JobScreen(MonitorScreen):
-    BINDINGS = [Binding("escape", "back", "Back")]
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "back", "Back")]
 
     def __init__(self, job_id: str) -> None:
         super().__init__()
@@ -39,9 +39,9 @@ class JobScreen(MonitorScreen):
 
     def compose(self) -> ComposeResult:
         yield self.compose_header()
-        yield Static(id="job-header", classes="job-header")
+        yield Panel(id="job-header", classes="job-header")
         yield RowTable(COLUMNS, id="machines")
-        yield Static(id="machine-detail", classes="detail")
+        yield Panel(id="machine-detail", classes="detail")
         yield self.compose_status()
         yield self.compose_footer()
 
@@ -63,33 +63,32 @@ class JobScreen(MonitorScreen):
         head.append(h.machines, style="bold red" if h.severity == FAIL else "")
         if failures:
             head.append(" │ failures only", style="reverse")
-        self.query_one("#job-header", Static).update(head)
+        self.query_one("#job-header", Panel).show(head)
 
         rows = view.machine_rows(self.job_id, failures)
         table = self.query_one("#machines", RowTable)
-        err_width = max(10, self.size.width - _USED) if self.size.width else 30
         self._rows = {r.machine: r for r in rows}
         table.set_rows([(r.machine, [
-            Cell(ellipsize(r.machine, 16), "bold red" if r.severity == FAIL else ""),
+            Cell(r.machine, "bold red" if r.severity == FAIL else ""),
             Cell(r.state, style_of(r.severity)),
             Cell(r.percent),
             Cell(r.rate),
             Cell(r.eta),
             Cell(str(r.attempts) if r.attempts else "·"),
-            Cell(ellipsize(r.error, err_width), "red" if r.error else ""),
+            Cell(r.error, "red" if r.error else ""),  # the table cuts it to fit
         ]) for r in rows])
         self._show_detail(table.selected_key(), view)
 
     def _show_detail(self, key: str | None, view: ClusterView) -> None:
-        panel = self.query_one("#machine-detail", Static)
+        panel = self.query_one("#machine-detail", Panel)
         row: MachineRow | None = getattr(self, "_rows", {}).get(key) if key else None
         if row is None:
             if self.loading_error:
-                panel.update(Text(self.loading_error, style="bold red"))
+                panel.show(Text(self.loading_error, style="bold red"))
             elif not view.has_detail(self.job_id):
-                panel.update("loading machines…")
+                panel.show("loading machines…")
             else:
-                panel.update("no machines to show")
+                panel.show("no machines to show")
             return
         text = Text()
         text.append(row.machine, style="bold")
@@ -100,11 +99,11 @@ class JobScreen(MonitorScreen):
         if row.error:
             text.append("\nerror: ", style="bold red")
             text.append(row.error, style="red")
-        panel.update(text)
+        panel.show(text)
 
-    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+    def on_row_table_highlighted(self, event: RowTable.Highlighted) -> None:
         event.stop()
-        self._show_detail(event.row_key.value, self.monitor.view)
+        self._show_detail(event.key, self.monitor.view)
 
     def action_back(self) -> None:
         self.monitor.pop_screen()

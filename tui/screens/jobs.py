@@ -6,12 +6,14 @@ filter on (``f``) it lists only jobs with a failed machine.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from textual.app import ComposeResult
-from textual.binding import Binding
-from textual.widgets import DataTable, Static
+from textual.binding import Binding, BindingType
 
 from tui.screens.base import MonitorScreen, style_of
-from tui.view import FAIL, ClusterView, Changes, ellipsize
+from tui.view import FAIL, Changes, ClusterView
+from tui.widgets.panel import Panel
 from tui.widgets.table import Cell, Column, RowTable
 
 COLUMNS = [
@@ -28,17 +30,16 @@ COLUMNS = [
 class JobsTable(RowTable):
     """The jobs table; its enter key opens the job, and says so in the footer."""
 
-    BINDINGS = [Binding("enter", "select_cursor", "Open job")]
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("enter", "select", "Open job")]
 
 
 class JobsScreen(MonitorScreen):
-    BINDINGS = [Binding("enter", "open_job", "Open job", show=False)]
 
     def compose(self) -> ComposeResult:
         yield self.compose_header()
-        yield Static(id="summary", classes="summary")
+        yield Panel(id="summary", classes="summary")
         yield JobsTable(COLUMNS, id="jobs")
-        yield Static("No jobs yet: submit one with 'fdship submit'.", id="empty",
+        yield Panel("No jobs yet: submit one with 'fdship submit'.", id="empty",
                      classes="empty")
         yield self.compose_status()
         yield self.compose_footer()
@@ -53,7 +54,7 @@ class JobsScreen(MonitorScreen):
         rows = view.job_rows(now, failures)
         table = self.query_one("#jobs", RowTable)
         table.set_rows([(r.job, [
-            Cell(ellipsize(r.job, 20), "bold red" if r.severity == FAIL else ""),
+            Cell(r.job, "bold red" if r.severity == FAIL else ""),
             Cell(r.state, style_of(r.severity)),
             Cell(r.percent),
             Cell(r.machines),
@@ -63,22 +64,16 @@ class JobsScreen(MonitorScreen):
         ]) for r in rows])
         t = view.totals()
         what = "failed jobs" if failures else "jobs"
-        self.query_one("#summary", Static).update(
+        self.query_one("#summary", Panel).show(
             f"{len(rows)} {what} shown · {t['running']} running · {t['failed']} failed"
             " · enter opens a job")
-        empty = self.query_one("#empty", Static)
+        empty = self.query_one("#empty", Panel)
         empty.display = not rows
         if failures:
-            empty.update("No failed jobs.")
+            empty.show("No failed jobs.")
         else:
-            empty.update("No jobs yet: submit one with 'fdship submit'.")
+            empty.show("No jobs yet: submit one with 'fdship submit'.")
 
-    def action_open_job(self) -> None:
-        key = self.query_one("#jobs", RowTable).selected_key()
-        if key is not None:
-            self.monitor.open_job(key)
-
-    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+    def on_row_table_selected(self, event: RowTable.Selected) -> None:
         event.stop()
-        if event.row_key.value is not None:
-            self.monitor.open_job(event.row_key.value)
+        self.monitor.open_job(event.key)

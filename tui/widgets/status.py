@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 
 from rich.text import Text
-from textual.widgets import Static
 
 from tui.source import CONNECTING, LIVE, RECONNECTING, Status
+from tui.widgets.panel import Panel
 
 
 def status_text(status: Status, retry_left: float | None, totals: dict[str, int],
@@ -45,10 +45,10 @@ def status_text(status: Status, retry_left: float | None, totals: dict[str, int]
     return text
 
 
-class StatusLine(Static):
+class StatusLine(Panel):
     """One line; the app sets it on every render and every clock tick."""
 
-    def show(self, status: Status, retry_left: float | None, totals: dict[str, int],
+    def show_status(self, status: Status, retry_left: float | None, totals: dict[str, int],
              failures: bool) -> None:
-        self.update(status_text(status, retry_left, totals, failures))
+        self.show(status_text(status, retry_left, totals, failures))
         self.set_class(status.state == RECONNECTING, "-reconnecting")
