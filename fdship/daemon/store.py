@@ -311,6 +311,7 @@ class Store:
         # Guards the indexes below.  The event loop reads them (chunk_source,
         # mark_chunk) while snapshot/pack run in worker threads.
         self._lock = threading.RLock()
+        self._create_lock = threading.Lock()
         self._pending: dict[str, Snapshot] = {}
         self._sources: dict[tuple[str, int], _Source] = {}
         self._stagings: dict[tuple[str, int], Staging] = {}
@@ -634,15 +635,22 @@ class Store:
         if not _HEX_RE.match(xxh3 or ""):
             raise BadRequest(f"xxh3 {xxh3!r} must be 16 lowercase hex digits")
         final = self.final_path(dest)
-        with self._lock:
-            have = self._stagings.get((job, file))
+        # Creation (mkdir, fallocate) runs under its own lock so two pulls for
+        # the same file cannot both create it, while the event loop's lookups
+        # (chunk_source, mark_chunk) never wait for a slow disk.
+        with self._create_lock:
+            with self._lock:
+                have = self._stagings.get((job, file))
             if have is not None:
                 if (have.dest, have.size, have.xxh3, have.chunk_size) != \
                         (dest, size, xxh3, chunk_size):
                     raise Conflict(f"job {job} file {file} is already staged for {have.dest} "
                                    f"({have.size} bytes, {have.xxh3}); the new request differs")
                 return have
-            return self._create_staging(job, file, dest, final, size, xxh3, chunk_size)
+            st = self._create_staging(job, file, dest, final, size, xxh3, chunk_size)
+            with self._lock:
+                self._stagings[(job, file)] = st
+            return st
 
     def _create_staging(self, job: str, file: int, dest: str, final: str, size: int,
                         xxh3: str, chunk_size: int) -> Staging:
@@ -704,7 +712,6 @@ class Store:
             _unlink(temp)
             raise LocalIOError(f"cannot write staging records under {self.data_dir}: "
                                f"{e.strerror}; check --data-dir") from None
-        self._stagings[(job, file)] = st
         return st
 
     def _make_parents(self, parent: str, final: str) -> list[str]:
