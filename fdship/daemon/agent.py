@@ -411,6 +411,11 @@ class Daemon:
         try:
             final = self.store.final_path(sf.dest)
             self.check_dest_allowed(final)
+            if (self.store.staging(req.job, sf.file) is None
+                    and self.store.source(req.job, sf.file) is None):
+                # An empty file has no chunks, so no pull ever created its staging.
+                await loop.run_in_executor(None, self.store.open_staging, req.job, sf.file,
+                                           sf.dest, sf.size, sf.xxh3, req.chunk_size)
             res = await loop.run_in_executor(None, self.store.pack, req.job, sf.file, sf.dest)
             self.counters["packed"] += 1
             log.info("job=%s installed %s (%d bytes) in %.3f s", req.job, res.path, res.size,
