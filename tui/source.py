@@ -17,9 +17,14 @@ stream *first* and only then fetches the full state, so nothing that changes
 between the two is lost: events that arrive while the GETs run are queued and
 delivered after the snapshot (every event is a whole row, so folding one that
 the snapshot already contains is harmless).  When the stream breaks it backs
-off exponentially (capped), reconnects with ``since=`` the last event id and
-re-fetches the full state, which also covers a center that restarted and
-forgot its event buffer.
+off exponentially (capped), reconnects and re-fetches the full state.  It
+resumes with ``since=`` the last event id (and ``Last-Event-ID``) when the
+center stayed up -- a dropped connection, an idle timeout -- and handles the
+center's ``reset`` event (we asked for more than it keeps) with a full
+re-fetch.  Once a connection attempt has been refused the center is taken to
+have restarted: its event ids start again at 1, so an old ``since`` would hide
+every new event until the ids caught up; it then follows from "now" instead,
+which the stream-first ordering above makes lossless anyway.
 
 :class:`MemorySource` is an in-memory center for tests and screenshots: the
 test pushes events, drops and restores the "connection", and the app cannot
@@ -258,6 +263,10 @@ class HTTPSource:
         self.jobs_limit = jobs_limit
         self._sleep = sleep
         self.last_event_id: str | None = None
+        # Resume with since= only while the center is believed to be the same
+        # process: its event ids restart at 1 when it restarts, and an old,
+        # higher id would then hide every new event.  See updates().
+        self.resumable = False
         self._closed = False
         self._writer: asyncio.StreamWriter | None = None
         self.connections = 0  # successful stream openings, for tests and the log
@@ -321,16 +330,20 @@ class HTTPSource:
                 asyncio.open_connection(self._host, self._port, ssl=ctx, limit=1 << 20),
                 self.connect_timeout)
         except TimeoutError:
+            self.resumable = False
             raise Unavailable(f"cannot reach the center at {self.center}: "
                               f"connect timed out after {self.connect_timeout:g}s") from None
         except OSError as e:
+            # Nobody listening: the center is down, and the one that comes back
+            # may be a new process whose event ids started again at 1.
+            self.resumable = False
             raise Unavailable(f"cannot reach the center at {self.center}: "
                               f"{e.strerror or e}") from None
         self._writer = writer
         path = self._prefix + protocol.CENTER_EVENTS
         headers = {"Host": f"{self._host}:{self._port}", "Accept": "text/event-stream",
                    "Cache-Control": "no-cache", "Connection": "keep-alive"}
-        if self.last_event_id is not None:
+        if self.last_event_id is not None and self.resumable:
             path += "?" + urlencode({"since": self.last_event_id})
             headers["Last-Event-ID"] = self.last_event_id
         if self.token:
@@ -412,7 +425,7 @@ class HTTPSource:
                     return
 
     async def _pump(self, reader: asyncio.StreamReader, headers: Mapping[str, str],
-                    queue: asyncio.Queue[Event | BaseException]) -> None:
+                    queue: asyncio.Queue[Event | BaseException | object]) -> None:
         """Decode the stream into the queue; end it with the exception that stopped it."""
         decoder = SSEDecoder()
         try:
@@ -420,6 +433,11 @@ class HTTPSource:
                 for msg in decoder.feed(piece):
                     if msg.id is not None:
                         self.last_event_id = msg.id
+                    if msg.event == "reset":
+                        # We asked to resume from further back than the center
+                        # keeps: what we hold is incomplete, fetch it all again.
+                        queue.put_nowait(_RESET)
+                        continue
                     ev = _event(msg)
                     if ev is not None:
                         queue.put_nowait(ev)
@@ -440,11 +458,12 @@ class HTTPSource:
             writer: asyncio.StreamWriter | None = None
             try:
                 reader, writer, headers = await self._open_stream()
-                queue: asyncio.Queue[Event | BaseException] = asyncio.Queue()
+                queue: asyncio.Queue[Event | BaseException | object] = asyncio.Queue()
                 pump = asyncio.ensure_future(self._pump(reader, headers, queue))
                 snap = await self.snapshot()
                 self.connections += 1
                 self.backoff.reset()
+                self.resumable = True
                 attempt = 0
                 yield snap
                 yield Status(LIVE)
@@ -452,6 +471,10 @@ class HTTPSource:
                     item = await queue.get()
                     if isinstance(item, BaseException):
                         raise item
+                    if item is _RESET:
+                        yield await self.snapshot()
+                        continue
+                    assert isinstance(item, Event)
                     yield item
             except Unauthorized as e:
                 error = e.message
@@ -474,6 +497,9 @@ class HTTPSource:
         self._closed = True
         if self._writer is not None:
             self._writer.close()
+
+
+_RESET = object()  # queued when the center says "event: reset"
 
 
 def _event(msg: SSEMessage) -> Event | None:

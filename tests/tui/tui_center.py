@@ -31,6 +31,7 @@ class FakeCenter:
         self.details = fx.details()
         self.hosts = {h["name"]: h for h in fx.hosts()}
         self.events: list[tuple[int, str, dict[str, Any]]] = []  # the replay buffer
+        self.keep = 1000  # events kept for resuming
         self.next_id = 1
         self.since_seen: list[str | None] = []  # what each stream asked to resume from
         self.jobs_delay = 0.0  # seconds /center/jobs waits before answering
@@ -64,6 +65,12 @@ class FakeCenter:
         self._server.add_sockets([sock])
         self._cond = asyncio.Condition()
 
+    def cut_streams(self) -> None:
+        """Drop every open event stream but keep serving: a network blip, not a restart."""
+        for conn in list(self._streams):
+            conn.close()
+        self._streams.clear()
+
     async def stop(self) -> None:
         """Stop listening and cut every open event stream, like a center that died."""
         if self._server is not None:
@@ -73,6 +80,13 @@ class FakeCenter:
             self._streams.clear()
             await self._server.close_all_connections()
             self._server = None
+            # Wake the stream handlers so they see their closed connections and end
+            # now, rather than being cancelled mid-wait when the test's loop closes.
+            if self._cond is not None:
+                async with self._cond:
+                    self._cond.notify_all()
+                for _ in range(3):
+                    await asyncio.sleep(0)
 
     def publish(self, kind: str, data: dict[str, Any]) -> int:
         if kind == "job":
@@ -85,7 +99,7 @@ class FakeCenter:
         ident = self.next_id
         self.next_id += 1
         self.events.append((ident, kind, data))
-        del self.events[:-1000]
+        del self.events[:-self.keep]
         if self._cond is not None:
             cond = self._cond
 
@@ -150,7 +164,10 @@ class _Events(_Base):
         conn = self.request.connection
         assert conn is not None
         self.c._streams.add(conn)
+        oldest = self.c.events[0][0] if self.c.events else self.c.next_id
         try:
+            if last + 1 < oldest:  # like the center: "you missed too much, re-fetch"
+                self.write(f"event: reset\ndata: {{\"oldest\": {oldest}}}\n\n")
             self.write(": hello\n\n")
             await self.flush()
             while not conn.stream.closed():  # type: ignore[attr-defined]
