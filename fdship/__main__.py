@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import sys
-import time
 from typing import Any, Sequence
 
 from fdship import config as C

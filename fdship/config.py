@@ -14,7 +14,7 @@ import re
 import socket
 import stat
 import tomllib
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 from fdship.errors import ConfigError
@@ -61,7 +61,9 @@ def _opt(default: Any, help: str, parse: Callable[[Any, str], Any] | None = None
          multiple: bool = False) -> Any:
     meta = {"help": help, "parse": parse, "multiple": multiple}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+        def fresh(d: Any = default) -> Any:
+            return type(d)(d)
+        return field(default_factory=fresh, metadata=meta)
     return field(default=default, metadata=meta)
 
 

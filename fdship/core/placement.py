@@ -52,6 +52,7 @@ class PeerView(Protocol):
     loadavg: float
     net_tx: float
     net_tx_peak: float
+    bad_serves: int
 
 
 def filter_peers(holders: Iterable[PeerView], target: str, avoid: dict[str, int],

@@ -37,7 +37,7 @@ from fdship.core.events import (CallbackDelivered, ChunksLost, ChunkStored, Comm
                                 HostReported, JobsExpired, JobSubmitted, MachineFailed,
                                 PackFailed, Recovered, Tick)
 from fdship.errors import TooLarge, Unprocessable
-from fdship.protocol import (FAIL_HASH, FAIL_LOCAL, FATAL_KINDS, Fetch, FileSpec, JobRequest,
+from fdship.protocol import (FAIL_HASH, FATAL_KINDS, Fetch, FileSpec, JobRequest,
                              StagedFile, chunk_span)
 
 
@@ -290,7 +290,8 @@ class Scheduler:
         return actions
 
     def _on_JobSubmitted(self, ev: JobSubmitted, now: float) -> list[Action]:
-        base, where = [], []
+        base: list[int] = []
+        where: list[tuple[int, int]] = []
         for fi, f in enumerate(ev.files):
             base.append(len(where))
             where.extend((fi, c) for c in range(len(f.chunks)))
@@ -590,9 +591,9 @@ class Scheduler:
                        and job.inflight_count[g] == 0
                        and any(g not in m.have for m in job.machines.values() if not m.ended)]
             if orphans:
-                since = clock_time(src.last_seen) + " UTC" if src and src.last_seen else "start"
+                gone_at = clock_time(src.last_seen) + " UTC" if src and src.last_seen else "start"
                 why = ("lost its snapshot" if src is not None and src.alive
-                       else f"unreachable since {since}")
+                       else f"unreachable since {gone_at}")
                 reason = (f"source {job.source} {why} and {len(orphans)} chunk(s) exist on no "
                           f"other live machine")
                 for m in job.machines.values():

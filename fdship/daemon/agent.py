@@ -163,17 +163,19 @@ class Daemon:
         root = os.path.realpath(cfg.root)
         self.allow_dest_real = [os.path.realpath(d) for d in cfg.allow_dest]
         self.allow_source_real = [os.path.realpath(d) for d in cfg.allow_source]
-        # Allowed destinations as the center sees them: paths before --root mapping.
-        self.allow_dest_view: list[str] = []
+        # Allowed destinations as (the center's view: a path before --root mapping,
+        # the real directory on this machine).
+        self.allow_dest_pairs: list[tuple[str, str]] = []
         for d in self.allow_dest_real:
             if root == "/":
-                self.allow_dest_view.append(d)
+                self.allow_dest_pairs.append((d, d))
             elif _under(d, root):
-                self.allow_dest_view.append("/" + os.path.relpath(d, root).lstrip("./")
-                                            if d != root else "/")
+                view = "/" if d == root else "/" + os.path.relpath(d, root)
+                self.allow_dest_pairs.append((view, d))
             else:
                 log.warning("allow_dest %s is outside root %s: no destination can match it", d,
                             root)
+        self.allow_dest_view = [v for v, _ in self.allow_dest_pairs]
         self.metrics = DaemonMetrics(self)
 
     # ------------------------------------------------------------------ lifecycle
@@ -203,8 +205,7 @@ class Daemon:
 
     def _free(self) -> dict[str, int]:
         out = {}
-        dirs = list(zip(self.allow_dest_view, self.allow_dest_real)) or \
-            [("/", os.path.realpath(self.cfg.root))]
+        dirs = self.allow_dest_pairs or [("/", os.path.realpath(self.cfg.root))]
         for view, real in dirs:
             try:
                 out[view] = free_space(real)
@@ -490,7 +491,7 @@ class Daemon:
                 snaps.append(await loop.run_in_executor(None, self.store.snapshot, path,
                                                         chunk_size))
             files = tuple(P.FileSpec(path=s.path, dest=d, size=s.size, xxh3=s.xxh3,
-                                     chunks=tuple(s.chunks)) for s, d in zip(snaps, dests))
+                                     chunks=tuple(s.chunks)) for s, d in zip(snaps, dests, strict=True))
             jreq = P.JobRequest(source=self.name, files=files, machines=req.machines,
                                 chunk_size=chunk_size, callback=req.callback, notify=req.notify)
             job = await self.center.submit(jreq)
