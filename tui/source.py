@@ -270,6 +270,7 @@ class HTTPSource:
         self._closed = False
         self._writer: asyncio.StreamWriter | None = None
         self.connections = 0  # successful stream openings, for tests and the log
+        self.stream_paths: deque[str] = deque(maxlen=16)  # the last event-stream requests
 
     # -- one-shot GETs ----------------------------------------------------------------
 
@@ -348,6 +349,7 @@ class HTTPSource:
             headers["Last-Event-ID"] = self.last_event_id
         if self.token:
             headers["Authorization"] = "Bearer " + self.token
+        self.stream_paths.append(path)
         head = f"GET {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         writer.write(head.encode("latin-1") + b"\r\n")
         try:

@@ -250,6 +250,7 @@ class MachineRow:
     took: str  # how long the machine took once done, else '-'
     attempts: int
     error: str  # the full reason, never cut here: the widget decides how much fits
+    last_error: str  # why the latest attempt failed, while the machine still retries
 
 
 @dataclass(frozen=True)
@@ -364,6 +365,7 @@ def machine_row(name: str, m: Mapping[str, Any]) -> MachineRow:
         took=human_duration(_num(m, "seconds")),
         attempts=_int(m, "attempts"),
         error=str(m.get("error") or ""),
+        last_error=str(m.get("last_error") or "") if state != "failed" else "",
     )
 
 

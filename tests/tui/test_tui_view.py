@@ -183,6 +183,11 @@ def test_machine_row_done_pending_packing() -> None:
     packing = machine_row("web-11", ms["web-11"])
     assert (packing.state, packing.rate) == ("packing", "-")
     assert machine_row("x", {}).chunks == "-"
+    retrying = machine_row("web-07", ms["web-07"])
+    assert (retrying.state, retrying.last_error, retrying.error) == \
+        ("fetching", fixtures.RETRYING, "")
+    # A failed machine's reason is its error; an old last_error is not repeated.
+    assert machine_row("m", {"state": "failed", "error": "e", "last_error": "l"}).last_error == ""
 
 
 def test_host_row_alive_and_dead() -> None:

@@ -21,11 +21,13 @@ NOW: float = _now
 GiB = 1024**3
 MiB = 1024**2
 
-RUNNING = "20261122T100200-0007"
-FAILED = "20261122T094500-0006"
-DONE = "20261122T093000-0005"
-EMPTY_DONE = "20261122T090000-0004"
+# Job ids in the center's format: creation time to the millisecond, a random tail.
+RUNNING = "20261122T100200412Z-7f3a"
+FAILED = "20261122T094500087Z-c41e"
+DONE = "20261122T093000950Z-0b9d"
+EMPTY_DONE = "20261122T090000001Z-e2a0"
 DISK_FULL = "disk full on /srv: 10.0 MiB free, 640 MiB needed; free space or pick another --dest"
+RETRYING = "timeout: web-02 sent nothing for 30s (chunk 88); retrying from another peer"
 PERM = ("cannot write /srv/app/current/model.bin: permission denied (the daemon runs as fdship; "
         "check --allow-dest and the directory's owner)")
 
@@ -37,14 +39,14 @@ def _ts(seconds_before_now: float) -> str:
 
 
 def _machine(state: str, done: int, total: int = 160, rate: float | None = None,
-             error: str | None = None, attempts: int = 1, seconds: float | None = None
-             ) -> dict[str, Any]:
+             error: str | None = None, attempts: int = 1, seconds: float | None = None,
+             last_error: str | None = None) -> dict[str, Any]:
     chunk = 4 * MiB
     m: dict[str, Any] = {
         "state": state, "chunks_done": done, "chunks_total": total,
         "bytes_done": done * chunk, "bytes_total": total * chunk,
         "rate": rate, "eta": None, "attempts": attempts, "error": error,
-        "error_at": _ts(30) if error else None,
+        "error_at": _ts(30) if error else None, "last_error": last_error,
     }
     if seconds is not None:
         m["seconds"] = seconds
@@ -70,6 +72,8 @@ def running_machines() -> dict[str, dict[str, Any]]:
         else:
             done = rng.randint(40, 150)
             out[name] = _machine("fetching", done, rate=rng.uniform(40, 110) * MiB)
+            if i == 7:
+                out[name].update(attempts=3, last_error=RETRYING)
     return out
 
 

@@ -75,7 +75,9 @@ class JobScreen(MonitorScreen):
             Cell(r.rate),
             Cell(r.eta),
             Cell(str(r.attempts) if r.attempts else "·"),
-            Cell(r.error, "red" if r.error else ""),  # the table cuts it to fit
+            # The table cuts it to fit; the panel below shows it whole.
+            Cell(r.error, "red") if r.error else
+            Cell(f"retrying: {r.last_error}", "yellow") if r.last_error else Cell(""),
         ]) for r in rows])
         self._show_detail(table.selected_key(), view)
 
@@ -99,6 +101,9 @@ class JobScreen(MonitorScreen):
         if row.error:
             text.append("\nerror: ", style="bold red")
             text.append(row.error, style="red")
+        elif row.last_error:
+            text.append("\nlast attempt failed: ", style="bold yellow")
+            text.append(row.last_error, style="yellow")
         panel.show(text)
 
     def on_row_table_highlighted(self, event: RowTable.Highlighted) -> None:

@@ -17,7 +17,7 @@ from tui.widgets.panel import Panel
 from tui.widgets.table import Cell, Column, RowTable
 
 COLUMNS = [
-    Column("job", "JOB", 20),
+    Column("job", "JOB", 24),  # the center's ids: 20261122T120333762Z-e444
     Column("state", "STATE", 7),
     Column("pct", "DONE", 4, right=True),
     Column("machines", "OK/ALL", 7, right=True),
