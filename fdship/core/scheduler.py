@@ -835,8 +835,10 @@ class Scheduler:
             ms = {}
             for n in sorted(job.machines):
                 m = job.machines[n]
-                per_file = [sorted(g - job.base[f] for g in m.have if job.where[g][0] == f)
-                            for f in range(len(job.files))]
+                per_file: Any = [sorted(g - job.base[f] for g in m.have if job.where[g][0] == f)
+                                 for f in range(len(job.files))]
+                if len(m.have) == job.nchunks:
+                    per_file = "all"  # most machines of most retained jobs: keep it small
                 ms[n] = {"have": per_file, "packed": sorted(m.packed), "ended": m.ended,
                          "error": m.error, "error_at": m.error_at, "finished": m.finished,
                          "hook": m.hook}
@@ -874,9 +876,10 @@ class Scheduler:
                 m.bytes_done = 0
                 for g in range(job.nchunks):
                     job.holders[g].discard(n)
-                for f, chunks in enumerate(ms["have"]):
-                    for c in chunks:
-                        self._add_chunk(job, m, job.base[f] + c, j["created"], count_bytes=False)
+                held = (range(job.nchunks) if ms["have"] == "all" else
+                        [job.base[f] + c for f, chunks in enumerate(ms["have"]) for c in chunks])
+                for g in held:
+                    self._add_chunk(job, m, g, j["created"], count_bytes=False)
                 m.packed = set(ms["packed"])
                 m.ended, m.error, m.error_at = ms["ended"], ms["error"], ms["error_at"]
                 m.finished, m.hook = ms["finished"], ms["hook"]
