@@ -1,15 +1,29 @@
 """A simulated cluster that drives the real scheduler core (no sockets, no clock).
 
-Used by the core's scenario tests and by ``fdship simulate``.  Hosts have an
-uplink and a downlink of given bandwidth; a transfer runs at the smaller of
-its peer's fair share of uplink and its target's fair share of downlink.
-Time advances from event to event (discrete-event simulation), so a
-thousand-host job simulates in seconds and every run with the same seed is
+Used by the core's scenario tests and by ``fdship simulate``.  Every host has
+an uplink and a downlink of given bandwidth; the daemons are modelled as the
+real ones behave: a pull reaches the target one ``latency`` after the center
+sent it, the target runs at most ``max_downloads`` fetches at once (the rest
+wait in its queue, like the daemon's semaphore), each fetch's bytes start to
+flow one ``latency`` later (the GET to the peer), and its ack reaches the
+center one ``latency`` after the last byte.
+
+Bandwidth is shared the way TCP shares it, approximately: a transfer's rate is
+its max-min fair share of its peer's uplink and of its target's downlink, so a
+transfer held back at one end leaves the other end's spare capacity to the
+transfers beside it.  Rates are recomputed only around the two hosts an event
+touched (a few transfers, not all of them), and finishing times sit in a heap
+with lazy invalidation, so each event costs O(log transfers) and a job to
+thousands of hosts simulates in seconds to minutes.  Time advances from event
+to event (discrete-event simulation), and every run with the same seed is
 identical.
 
-The simulator also checks the scheduler's promises as it goes: no fetch is
+The simulator checks the scheduler's promises as it goes: no fetch is
 assigned from a peer that lacks the chunk, per-host caps hold, and it counts
-how many times the source sent each chunk.
+how many times the source sent each chunk.  It also measures what the
+scheduler cannot see: how long targets sat idle between a finished chunk and
+the next one, and the center's CPU time (``time.process_time`` around every
+``Scheduler.handle`` call).
 """
 
 from __future__ import annotations
@@ -17,6 +31,7 @@ from __future__ import annotations
 import heapq
 import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,31 +67,73 @@ def fake_file(path: str, size: int, chunk_size: int, dest: str | None = None) ->
                     xxh3=xxhash.xxh3_64(path.encode()).hexdigest(), chunks=chunks)
 
 
-@dataclass
-class SimHost:
-    name: str
-    up: float  # bytes/s
-    down: float
-    labels: tuple[str, ...] = ()
-    alive: bool = True
-    uploads: int = 0
-    downloads: int = 0
-    max_up_seen: int = 0
-    max_down_seen: int = 0
-    bytes_up: int = 0
-    held: set[tuple[str, int, int]] = field(default_factory=set)  # (job, file, chunk)
-
-
-@dataclass
+@dataclass(eq=False)
 class Transfer:
+    """One chunk's bytes moving from ``peer`` to ``target``."""
+
     job: str
     target: str
     peer: str
     file: int
     chunk: int
     remaining: float
+    size: int = 0
     rate: float = 0.0
+    stamp: float = 0.0  # when ``remaining`` was last brought up to date
+    version: int = 0  # bumped on every rate change: stale heap entries are skipped
     id: int = 0
+
+
+@dataclass(eq=False)
+class SimHost:
+    name: str
+    up: float  # bytes/s
+    down: float
+    labels: tuple[str, ...] = ()
+    alive: bool = True
+    slots: int = 4  # the daemon's max_downloads: fetches it runs at once
+    uploads: int = 0  # transfers flowing out now
+    downloads: int = 0  # transfers flowing in now
+    max_up_seen: int = 0
+    max_down_seen: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    held: set[tuple[str, int, int]] = field(default_factory=set)  # (job, file, chunk)
+    load: Load = field(default_factory=Load)
+    up_flows: list[Transfer] = field(default_factory=list)
+    down_flows: list[Transfer] = field(default_factory=list)
+    busy_slots: int = 0  # daemon fetch slots taken (flowing or about to)
+    waiting: deque[tuple[str, str, int, int, int]] = field(default_factory=deque)
+    # Instrumentation of the target side.
+    freed: deque[float] = field(default_factory=deque)  # times a fetch slot came free
+    gap_seconds: float = 0.0  # slot free -> next fetch's bytes flowing, summed
+    gaps: int = 0
+    idle_since: float | None = None  # no byte flowing in since then (while work remained)
+    idle_seconds: float = 0.0
+    first_byte: float | None = None
+    last_byte: float | None = None
+
+
+def waterfill(capacity: float, demands: list[float]) -> list[float]:
+    """Max-min fair split of ``capacity`` among flows that can each take at most their demand."""
+    n = len(demands)
+    if n == 1:
+        d = demands[0]
+        return [d if d < capacity else capacity]
+    out = [0.0] * n
+    left, k = capacity, n
+    for i in sorted(range(n), key=demands.__getitem__):
+        share = left / k
+        d = demands[i]
+        a = d if d < share else share
+        out[i] = a
+        left -= a
+        k -= 1
+    return out
+
+
+# Event kinds in the simulator's heap.
+_CENTER, _PULL, _BEGIN, _DONE, _TICK, _BEAT = range(6)
 
 
 class SimCluster:
@@ -84,41 +141,65 @@ class SimCluster:
 
     def __init__(self, n_hosts: int, bandwidth: float, *, slow_fraction: float = 0.0,
                  slow_factor: float = 0.25, seed: int = 1, tunables: Tunables | None = None,
-                 latency: float = 0.001) -> None:
+                 latency: float = 0.001, beat_interval: float = 0.0) -> None:
         self.rng = random.Random(seed)
         self.clock = FakeClock()
         self.sched = Scheduler(tunables or Tunables(heartbeat_timeout=1e9), seed=seed)
         self.latency = latency
+        self.beat_interval = beat_interval
         self.hosts: dict[str, SimHost] = {}
         names = [f"h{i:05d}" for i in range(n_hosts)]
-        slow = set(self.rng.sample(names[1:], int(slow_fraction * (n_hosts - 1)))) if n_hosts > 1 else set()
+        slow = set(self.rng.sample(names[1:], int(slow_fraction * (n_hosts - 1)))) \
+            if n_hosts > 1 else set()
         for n in names:
             bw = bandwidth * (slow_factor if n in slow else 1.0)
-            self.hosts[n] = SimHost(name=n, up=bw, down=bw)
-        self.transfers: dict[int, Transfer] = {}
+            self.hosts[n] = SimHost(name=n, up=bw, down=bw, slots=self.sched.t.max_downloads)
+        self.slow = slow
         self._next_id = 0
-        self.queue: list[tuple[float, int, Event]] = []
+        self.queue: list[tuple[float, int, int, Any]] = []
         self._seq = 0
         self.source_sends: dict[tuple[str, int, int], int] = {}
         self.violations: list[str] = []
         self.ended: dict[str, str] = {}
         self.cpu_seconds = 0.0
         self.events_handled = 0
+        self.flows_started = 0
         # Durable events as the center would log them: (record, time).
         self.durable_log: list[tuple[dict[str, Any], float]] = []
         self.fail_links: set[tuple[str, str]] = set()  # (peer, target) pairs that fail
+        self.assigned: dict[str, int] = {}  # fetches assigned per peer and not yet acked
+        self._ticking = False
         for n in names:
             self._deliver(self._beat(n))
+        if beat_interval > 0:
+            for i, n in enumerate(names):  # staggered, like real daemons
+                self._push(self.clock.now + beat_interval * (i + 1) / len(names), _BEAT, n)
 
     # -- plumbing -----------------------------------------------------------------
 
     def _beat(self, name: str) -> HostReported:
+        h = self.hosts[name]
+        ld = h.load
+        if self.beat_interval > 0:
+            ld = Load(cpu=ld.cpu, loadavg=ld.loadavg, disk_busy=ld.disk_busy,
+                      net_tx=sum(f.rate for f in h.up_flows),
+                      net_rx=sum(f.rate for f in h.down_flows), uploads=h.uploads,
+                      downloads=h.downloads, bytes_served=h.bytes_up,
+                      bytes_received=h.bytes_down)
         return HostReported(beat=Heartbeat(name=name, address=f"{name}:7071", boot_id="b1",
-                                           labels=self.hosts[name].labels, load=Load()))
+                                           labels=h.labels, load=ld,
+                                           max_uploads=self.sched.t.max_uploads,
+                                           max_downloads=h.slots))
 
-    def _push(self, at: float, ev: Event) -> None:
+    def set_load(self, name: str, **load: float) -> None:
+        """Give a host a load (e.g. ``cpu=95``) and report it to the center at once."""
+        h = self.hosts[name]
+        h.load = Load(**{**h.load.to_json(), **load})  # type: ignore[arg-type]
+        self._deliver(self._beat(name))
+
+    def _push(self, at: float, kind: int, payload: Any) -> None:
         self._seq += 1
-        heapq.heappush(self.queue, (at, self._seq, ev))
+        heapq.heappush(self.queue, (at, self._seq, kind, payload))
 
     def _deliver(self, ev: Event) -> None:
         if ev.durable:
@@ -130,47 +211,157 @@ class SimCluster:
         self._carry_out(actions)
 
     def _carry_out(self, actions: list[Action]) -> None:
+        now = self.clock.now
         for a in actions:
             if isinstance(a, Commit):
                 self._deliver(a.event)
             elif isinstance(a, AssignFetch):
+                src = self.sched.jobs[a.job].source
                 for f in a.fetches:
-                    self._start(a.job, a.target, f.peer_name, f.file, f.chunk, f.size)
+                    p = self.hosts[f.peer_name]
+                    if f.peer_name != src and (a.job, f.file, f.chunk) not in p.held:
+                        self.violations.append(
+                            f"{a.target} told to fetch {a.job}/{f.file}/{f.chunk} from "
+                            f"{f.peer_name}, which does not hold it")
+                    if f.peer_name == src:
+                        k = (a.job, f.file, f.chunk)
+                        self.source_sends[k] = self.source_sends.get(k, 0) + 1
+                    n = self.assigned[f.peer_name] = self.assigned.get(f.peer_name, 0) + 1
+                    cap = self.sched.hosts[f.peer_name].max_uploads
+                    if n > cap:
+                        self.violations.append(f"cap exceeded: {f.peer_name} has {n} uploads "
+                                               f"assigned, cap {cap}")
+                self._push(now + self.latency, _PULL,
+                           [(a.job, a.target, f.peer_name, f.file, f.chunk, f.size)
+                            for f in a.fetches])
             elif isinstance(a, Pack):
                 if a.notify:
-                    self._push(self.clock.now + self.latency,
+                    self._push(now + self.latency, _CENTER,
                                HookFinished(job=a.job, host=a.target, ok=True))
                 else:
-                    self._push(self.clock.now + self.latency,
+                    self._push(now + self.latency, _CENTER,
                                FilePacked(job=a.job, host=a.target, file=a.file.file))
             elif isinstance(a, JobEnded):
                 self.ended[a.job] = a.state
 
-    def _start(self, job: str, target: str, peer: str, file: int, chunk: int, size: int) -> None:
+    # -- the daemons' side ----------------------------------------------------------
+
+    def _pull(self, fetches: list[tuple[str, str, str, int, int, int]]) -> None:
+        for job, target, peer, file, chunk, size in fetches:
+            t = self.hosts[target]
+            if t.busy_slots < t.slots:
+                t.busy_slots += 1
+                self._push(self.clock.now + self.latency, _BEGIN,
+                           (job, target, peer, file, chunk, size))
+            else:
+                t.waiting.append((job, peer, file, chunk, size))
+
+    def _begin(self, job: str, target: str, peer: str, file: int, chunk: int, size: int) -> None:
+        now = self.clock.now
         p, t = self.hosts[peer], self.hosts[target]
-        src = self.sched.jobs[job].source
-        if peer != src and (job, file, chunk) not in p.held:
-            self.violations.append(f"{target} told to fetch {job}/{file}/{chunk} from {peer}, "
-                                   "which does not hold it")
-        if peer == src:
-            k = (job, file, chunk)
-            self.source_sends[k] = self.source_sends.get(k, 0) + 1
+        self._next_id += 1
+        self.flows_started += 1
+        tr = Transfer(job, target, peer, file, chunk, remaining=float(max(size, 1)), size=size,
+                      stamp=now, id=self._next_id)
+        p.up_flows.append(tr)
+        t.down_flows.append(tr)
         p.uploads += 1
         t.downloads += 1
         p.max_up_seen = max(p.max_up_seen, p.uploads)
         t.max_down_seen = max(t.max_down_seen, t.downloads)
-        h = self.sched.hosts[peer]
-        if p.uploads > h.max_uploads or t.downloads > self.sched.hosts[target].max_downloads:
-            self.violations.append(f"cap exceeded: {peer} uploads {p.uploads}, "
-                                   f"{target} downloads {t.downloads}")
-        self._next_id += 1
-        self.transfers[self._next_id] = Transfer(job, target, peer, file, chunk,
-                                                 remaining=float(max(size, 1)), id=self._next_id)
+        sh = self.sched.hosts.get(peer)
+        if sh is not None and p.uploads > sh.max_uploads:
+            self.violations.append(f"cap exceeded: {peer} serves {p.uploads} at once")
+        if t.downloads > t.slots:
+            self.violations.append(f"cap exceeded: {target} fetches {t.downloads} at once")
+        if t.first_byte is None:
+            t.first_byte = now
+        if t.idle_since is not None:
+            t.idle_seconds += now - t.idle_since
+            t.idle_since = None
+        if t.freed:
+            t.gap_seconds += now - t.freed.popleft()
+            t.gaps += 1
+        self._reflow(p, t)
 
-    def _rates(self) -> None:
-        for tr in self.transfers.values():
-            p, t = self.hosts[tr.peer], self.hosts[tr.target]
-            tr.rate = min(p.up / max(1, p.uploads), t.down / max(1, t.downloads))
+    def _done(self, tr: Transfer) -> None:
+        now = self.clock.now
+        p, t = self.hosts[tr.peer], self.hosts[tr.target]
+        p.up_flows.remove(tr)
+        t.down_flows.remove(tr)
+        p.uploads -= 1
+        t.downloads -= 1
+        tr.version = -1
+        self._reflow(p, t)
+        t.last_byte = now
+        t.busy_slots -= 1
+        if t.waiting:
+            job, peer, file, chunk, size = t.waiting.popleft()
+            t.busy_slots += 1
+            self._push(now + self.latency, _BEGIN, (job, tr.target, peer, file, chunk, size))
+        t.freed.append(now)
+        if t.downloads == 0:
+            t.idle_since = now
+        self.assigned[tr.peer] -= 1
+        if (tr.peer, tr.target) in self.fail_links:
+            ev: Event = FetchFailed(job=tr.job, host=tr.target, file=tr.file, chunk=tr.chunk,
+                                    peer=tr.peer, fail=FAIL_CONNECT, error="simulated reset")
+        else:
+            p.bytes_up += tr.size
+            t.bytes_down += tr.size
+            t.held.add((tr.job, tr.file, tr.chunk))
+            ev = ChunkStored(job=tr.job, host=tr.target, file=tr.file, chunk=tr.chunk,
+                             peer=tr.peer, nbytes=tr.size)
+        self._push(now + self.latency, _CENTER, ev)
+
+    # -- bandwidth sharing ----------------------------------------------------------
+
+    def _reflow(self, p: SimHost, t: SimHost) -> None:
+        """Recompute the rates of the transfers on p's uplink and on t's downlink.
+
+        Local max-min fairness: a transfer on p's uplink can take at most what
+        its target's downlink has left beside its other transfers (and the
+        other way round); two rounds of water-filling at p and t settle the
+        shares of the transfers they have in common.  Transfers elsewhere keep
+        their rates until an event touches them.
+        """
+        ups, downs = p.up_flows, t.down_flows
+        if not ups and not downs:
+            return
+        hosts = self.hosts
+        cap_dn: dict[int, float] = {}  # what the target end lets each transfer take
+        cap_up: dict[int, float] = {}
+        for x in ups:
+            if x.target == t.name:
+                cap_dn[x.id] = t.down / len(downs)
+            else:
+                far = hosts[x.target]
+                cap_dn[x.id] = max(0.0, far.down - sum(y.rate for y in far.down_flows
+                                                        if y is not x))
+        for x in downs:
+            if x.peer == p.name:
+                cap_up[x.id] = p.up / len(ups)
+            else:
+                far = hosts[x.peer]
+                cap_up[x.id] = max(0.0, far.up - sum(y.rate for y in far.up_flows if y is not x))
+        for _ in range(2):
+            if ups:
+                for x, a in zip(ups, waterfill(p.up, [cap_dn[x.id] for x in ups])):
+                    cap_up[x.id] = a
+            if downs:
+                for x, a in zip(downs, waterfill(t.down, [cap_up[x.id] for x in downs])):
+                    cap_dn[x.id] = a
+        now = self.clock.now
+        for x in ups + downs:
+            r = min(cap_up[x.id], cap_dn[x.id])
+            if abs(r - x.rate) <= 1e-9 * (r + 1.0) and x.version > 0:
+                continue
+            x.remaining -= x.rate * (now - x.stamp)
+            x.stamp = now
+            x.rate = r
+            x.version += 1
+            if r > 0:
+                self._push(now + max(0.0, x.remaining) / r, _DONE, (x, x.version))
 
     # -- running ------------------------------------------------------------------
 
@@ -180,66 +371,71 @@ class SimCluster:
         req = JobRequest(source=source, files=tuple(files), machines=tuple(machines),
                          chunk_size=chunk_size)
         ev = self.sched.admit(req, jid, self.clock.now)
-        self._deliver(ev)
         for f_i, f in enumerate(files):
             for c in range(len(f.chunks)):
                 self.hosts[source].held.add((jid, f_i, c))
+        self._deliver(ev)
         return jid
 
     def run(self, until_jobs_end: bool = True, max_time: float = 1e6,
             tick: float = 0.5) -> float:
         """Advance until every submitted job ended (or max_time).  Returns sim time."""
         start = self.clock.now
-        next_tick = start + tick
+        deadline = start + max_time
+        if not self._ticking:
+            self._ticking = True
+            self._push(start + tick, _TICK, tick)
         steps = 0
-        while self.clock.now - start < max_time:
+        q = self.queue
+        while q:
             steps += 1
-            if steps > 50_000_000:
+            if steps > 200_000_000:
                 raise RuntimeError("simulation did not converge")
             if until_jobs_end and self.sched.jobs and all(
                     j.state != "running" for j in self.sched.jobs.values()):
                 break
-            self._rates()
-            t_tr = min((self.clock.now + tr.remaining / tr.rate
-                        for tr in self.transfers.values() if tr.rate > 0), default=float("inf"))
-            t_q = self.queue[0][0] if self.queue else float("inf")
-            t_next = min(t_tr, t_q, next_tick)
-            dt = t_next - self.clock.now
-            if dt > 0:
-                for tr in self.transfers.values():
-                    tr.remaining -= tr.rate * dt
-                self.clock.advance(dt)
-            # Completed transfers: the clock is a large float (epoch seconds), so
-            # allow a few microseconds of slack or the loop could stall on rounding.
-            for tid in [k for k, tr in self.transfers.items()
-                        if tr.remaining <= 1e-6 + tr.rate * 1e-5]:
-                self._finish(self.transfers.pop(tid))
-            while self.queue and self.queue[0][0] <= self.clock.now + 1e-12:
-                _, _, ev = heapq.heappop(self.queue)
-                self._deliver(ev)
-            if self.clock.now >= next_tick - 1e-12:
-                next_tick = self.clock.now + tick
+            at = q[0][0]
+            if at > deadline:
+                break
+            _, _, kind, payload = heapq.heappop(q)
+            if at > self.clock.now:
+                self.clock.now = at
+            if kind == _DONE:
+                tr, version = payload
+                if tr.version == version:
+                    self._done(tr)
+            elif kind == _CENTER:
+                self._deliver(payload)
+            elif kind == _PULL:
+                self._pull(payload)
+            elif kind == _BEGIN:
+                self._begin(*payload)
+            elif kind == _TICK:
                 self._deliver(Tick())
+                self._push(self.clock.now + payload, _TICK, payload)
+            elif kind == _BEAT:
+                self._deliver(self._beat(payload))
+                self._push(self.clock.now + self.beat_interval, _BEAT, payload)
+        if not until_jobs_end or not q:
+            self.clock.now = max(self.clock.now, min(deadline, q[0][0] if q else deadline))
         return self.clock.now - start
 
-    def _finish(self, tr: Transfer) -> None:
-        p, t = self.hosts[tr.peer], self.hosts[tr.target]
-        p.uploads -= 1
-        t.downloads -= 1
-        size = self.sched.jobs[tr.job].files[tr.file].size if tr.job in self.sched.jobs else 0
-        if (tr.peer, tr.target) in self.fail_links:
-            ev: Event = FetchFailed(job=tr.job, host=tr.target, file=tr.file, chunk=tr.chunk,
-                                    peer=tr.peer, fail=FAIL_CONNECT, error="simulated reset")
-        else:
-            p.bytes_up += min(size, self.sched.jobs[tr.job].chunk_size) if size else 0
-            t.held.add((tr.job, tr.file, tr.chunk))
-            ev = ChunkStored(job=tr.job, host=tr.target, file=tr.file, chunk=tr.chunk,
-                             peer=tr.peer)
-        self._push(self.clock.now + self.latency, ev)
+    # -- results ------------------------------------------------------------------
 
     def summary(self) -> dict[str, Any]:
         sends = list(self.source_sends.values())
+        targets = [h for h in self.hosts.values() if h.first_byte is not None]
+        gaps = sum(h.gaps for h in targets)
         return {"max_source_sends": max(sends, default=0),
                 "mean_source_sends": sum(sends) / len(sends) if sends else 0.0,
                 "violations": list(self.violations), "cpu_seconds": self.cpu_seconds,
-                "events": self.events_handled}
+                "events": self.events_handled, "transfers": self.flows_started,
+                "mean_slot_gap": sum(h.gap_seconds for h in targets) / gaps if gaps else 0.0,
+                "mean_idle_seconds": (sum(h.idle_seconds for h in targets) / len(targets)
+                                      if targets else 0.0)}
+
+    def finish_times(self, job: str) -> dict[str, float]:
+        """Seconds from submission to 'done' for every machine of ``job`` that finished."""
+        j = self.sched.jobs[job]
+        return {n: m.finished - j.created for n, m in j.machines.items()
+                if m.ended == "done" and m.finished is not None}
