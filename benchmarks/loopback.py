@@ -1,12 +1,12 @@
 """Benchmark of the daemon's data path on loopback, beside nginx and curl.
 
 One source daemon process serves a 256 MiB file (warm in the page cache) in
-4 MiB chunks through the real ``fdship.daemon.serve.DownloadHandler``; nginx
+4 MiB chunks (``--chunk``) through the real ``fdship.daemon.serve.DownloadHandler``; nginx
 (``sendfile on``) serves the same bytes from a plain file.  Measured, each
 in several rounds with the median printed:
 
 1. serving: curl fetches every chunk over one keep-alive connection and
-   discards it -- from our handler, and from nginx with the same 4 MiB ranges
+   discards it -- from our handler, and from nginx with the same byte ranges
    and as one whole-file request;
 2. the full fetch path: ``PeerPool.fetch`` (sendfile serve, stream, xxh3
    verify, pwrite into a fresh staging file) sequentially over one connection
@@ -22,6 +22,7 @@ is stopped at the end.
 
     python benchmarks/loopback.py                 # 256 MiB, 7 rounds
     python benchmarks/loopback.py --size 64 --runs 3 --markdown
+    python benchmarks/loopback.py --chunk 64 --only serve   # per-request cost
 """
 
 from __future__ import annotations
@@ -250,9 +251,15 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="where to put the temporary files")
     ap.add_argument("--staging-dir", default=None,
                     help="where the fetch path writes (default: the temporary directory)")
+    ap.add_argument("--only", default="",
+                    help="run only the measurements whose name starts with this (serve, fetch)")
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    ap.add_argument("--chunk", type=int, default=4096,
+                    help="chunk size in KiB (default 4096); small chunks expose per-request cost")
     ap.add_argument("--serve", nargs=2, metavar=("DATA_DIR", "SRC"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global CHUNK
+    CHUNK = args.chunk * 1024
     if args.serve:
         serve_main(args.serve[0], args.serve[1], CHUNK)
         return
@@ -272,8 +279,8 @@ def main() -> None:
             for _ in range(args.size):
                 f.write(os.urandom(MiB))
         os.chmod(src, 0o644)
-        server = subprocess.Popen([sys.executable, __file__, "--serve", str(tmp / "daemon"),
-                                   str(src)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        server = subprocess.Popen([sys.executable, __file__, "--chunk", str(args.chunk),
+                                   "--serve", str(tmp / "daemon"), str(src)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True)
         assert server.stdout is not None
         info = json.loads(server.stdout.readline() or "{}")
@@ -316,8 +323,8 @@ def main() -> None:
             return run
 
         plan: list[tuple[str, Callable[[], float]]] = [
-            ("serve: curl <- fdship DownloadHandler, per chunk", lambda: curl(ours)),
-            ("serve: curl <- nginx sendfile, same 4 MiB ranges", lambda: curl(nginx_ranges)),
+            ("serve: curl <- fdship DownloadHandler, chunk by chunk", lambda: curl(ours)),
+            ("serve: curl <- nginx sendfile, same ranges", lambda: curl(nginx_ranges)),
             ("serve: curl <- nginx sendfile, whole file", lambda: curl(nginx_whole)),
             ("fetch: PeerPool.fetch verify+pwrite, 1 in flight",
              with_staging(lambda fd: pool_fetch(port, chunks, size, fd, 1))),
@@ -328,8 +335,12 @@ def main() -> None:
             ("fetch: Tornado AsyncHTTPClient streaming_callback",
              with_staging(lambda fd: tornado_fetch(port, chunks, size, fd))),
         ]
-        print(f"loopback, {args.size} MiB in {len(chunks)} chunks of 4 MiB, {args.runs} rounds; "
-              f"{machine_notes()}", file=sys.stderr)
+        plan = [(name, fn) for name, fn in plan if name.startswith(args.only)] if args.only \
+            else plan
+        print(f"loopback, {args.size} MiB in {len(chunks)} chunks of {args.chunk} KiB, "
+              f"{args.runs} rounds; "
+              f"{machine_notes()}; load average before: {os.getloadavg()[0]:.1f}",
+              file=sys.stderr)
         # Rounds, not blocks: every round measures everything once, so a burst of
         # noise from the shared machine hits all contenders alike.
         vals: dict[str, list[float]] = {name: [] for name, _ in plan}
@@ -341,18 +352,27 @@ def main() -> None:
         for name, med, v in results:
             print(f"  {name:<58} {med:8.0f} MB/s   runs: " + " ".join(f"{x:.0f}" for x in v),
                   file=sys.stderr)
+        print(f"  load average after: {os.getloadavg()[0]:.1f}", file=sys.stderr)
         med = {name: m for name, m, _ in results}
-        s_ours, s_ngx_r, s_ngx_w, f_seq, f_par, c_null, c_file, t_cli = (
-            med[name] for name, _ in plan)
 
-        ratios = [
-            ("serve / nginx same ranges (target >= 0.8)", s_ours / s_ngx_r),
-            ("serve / nginx whole file", s_ours / s_ngx_w),
-            ("fetch 1 in flight / curl<-nginx to /dev/null (target >= 0.5)", f_seq / c_null),
-            ("fetch 1 in flight / curl<-nginx to a file", f_seq / c_file),
-            ("fetch 4 in flight / curl<-nginx to /dev/null", f_par / c_null),
-            ("PeerPool / Tornado AsyncHTTPClient", f_seq / t_cli),
+        def ratio(a: str, b: str) -> float | None:
+            keys = [k for k in med if k.startswith(a)], [k for k in med if k.startswith(b)]
+            return med[keys[0][0]] / med[keys[1][0]] if keys[0] and keys[1] else None
+
+        wanted = [
+            ("serve / nginx same ranges (target >= 0.8)", "serve: curl <- fdship",
+             "serve: curl <- nginx sendfile, same"),
+            ("serve / nginx whole file", "serve: curl <- fdship", "serve: curl <- nginx sendfile, whole"),
+            ("fetch 1 in flight / curl<-nginx to /dev/null (target >= 0.5)",
+             "fetch: PeerPool.fetch verify+pwrite, 1", "fetch: curl <- nginx, whole file to /dev"),
+            ("fetch 1 in flight / curl<-nginx to a file", "fetch: PeerPool.fetch verify+pwrite, 1",
+             "fetch: curl <- nginx, whole file to a fresh"),
+            ("fetch 4 in flight / curl<-nginx to /dev/null", "fetch: PeerPool.fetch verify+pwrite, 4",
+             "fetch: curl <- nginx, whole file to /dev"),
+            ("PeerPool / Tornado AsyncHTTPClient", "fetch: PeerPool.fetch verify+pwrite, 1",
+             "fetch: Tornado"),
         ]
+        ratios = [(name, r) for name, a, b in wanted if (r := ratio(a, b)) is not None]
         for name, r in ratios:
             print(f"  {name:<66} {r:5.2f}x", file=sys.stderr)
         if args.markdown:
