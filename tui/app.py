@@ -39,6 +39,7 @@ from tui.screens import HostsScreen, JobScreen, JobsScreen, MonitorScreen
 from tui.source import (
     CONNECTING,
     RECONNECTING,
+    Batch,
     DataSource,
     Event,
     HTTPSource,
@@ -144,6 +145,12 @@ class MonitorApp(App[None]):
         if isinstance(u, Event):
             changes = self.view.apply(u.kind, u.data)
             self._newest_event = max(self._newest_event, u.received)
+            self._changed(changes)
+        elif isinstance(u, Batch):
+            changes = Changes()
+            for ev in u.events:
+                changes.merge(self.view.apply(ev.kind, ev.data))
+            self._newest_event = max(self._newest_event, u.events[-1].received)
             self._changed(changes)
         elif isinstance(u, Snapshot):
             self._changed(self.view.load_snapshot(u.jobs, u.hosts))

@@ -8,7 +8,8 @@ an async iterator of *updates*:
 * :class:`Snapshot` -- a fresh full state (the job list and the host list),
   sent after every (re)connection;
 * :class:`Event` -- one change from the center's ``/center/events`` stream
-  (``job``, ``machine`` or ``host``, each carrying a whole row).
+  (``job``, ``machine`` or ``host``, each carrying a whole row), or a
+  :class:`Batch` of them when several were already waiting.
 
 plus :meth:`DataSource.job` for the per-machine table of one job.
 
@@ -91,7 +92,18 @@ class Event:
     received: float = field(default_factory=time.perf_counter)
 
 
-Update = Status | Snapshot | Event
+@dataclass(frozen=True)
+class Batch:
+    """Events that were already waiting together: one message to the app, not many.
+
+    A busy center sends hundreds of events a second; handing them over in
+    batches keeps the UI's per-message cost from growing with the event rate.
+    """
+
+    events: list[Event]
+
+
+Update = Status | Snapshot | Event | Batch
 
 
 @runtime_checkable
@@ -469,15 +481,24 @@ class HTTPSource:
                 attempt = 0
                 yield snap
                 yield Status(LIVE)
+                held: object = None  # a non-event met while batching: next in line
                 while True:
-                    item = await queue.get()
+                    item = held if held is not None else await queue.get()
+                    held = None
                     if isinstance(item, BaseException):
                         raise item
                     if item is _RESET:
                         yield await self.snapshot()
                         continue
                     assert isinstance(item, Event)
-                    yield item
+                    batch = [item]
+                    while not queue.empty() and len(batch) < MAX_BATCH:
+                        nxt = queue.get_nowait()
+                        if not isinstance(nxt, Event):
+                            held = nxt  # an error or a reset: right after this batch
+                            break
+                        batch.append(nxt)
+                    yield item if len(batch) == 1 else Batch(batch)
             except Unauthorized as e:
                 error = e.message
             except FdshipError as e:
@@ -502,6 +523,7 @@ class HTTPSource:
 
 
 _RESET = object()  # queued when the center says "event: reset"
+MAX_BATCH = 1000
 
 
 def _event(msg: SSEMessage) -> Event | None:

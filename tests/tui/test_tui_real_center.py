@@ -47,8 +47,7 @@ def source_file(cluster: LocalCluster, name: str, size: int) -> str:
     os.makedirs(d, exist_ok=True)
     path = os.path.join(d, name)
     with open(path, "wb") as f:
-        for _ in range(size // MiB):
-            f.write(os.urandom(MiB))
+        f.writelines(os.urandom(MiB) for _ in range(size // MiB))
     # The broken target: a directory sits where the file must land.
     os.makedirs(os.path.join(cluster.root(3), path.lstrip("/")), exist_ok=True)
     return path

@@ -24,6 +24,7 @@ from tui.source import (
     LIVE,
     RECONNECTING,
     Backoff,
+    Batch,
     DataSource,
     Event,
     HTTPSource,
@@ -99,9 +100,11 @@ async def collect_until(it: AsyncIterator[Update], pred: Callable[[Update], bool
 
     async def run() -> None:
         async for u in it:
-            out.append(u)
-            if pred(u):
-                return
+            # A batch is several events that were waiting together: look at each.
+            for one in (u.events if isinstance(u, Batch) else [u]):
+                out.append(one)
+                if pred(one):
+                    return
         raise AssertionError(f"source ended before the awaited update; got {out}")
 
     try:
