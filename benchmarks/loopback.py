@@ -32,6 +32,7 @@ import asyncio
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -145,6 +146,18 @@ http {{
 
 
 # --- measurements ----------------------------------------------------------------------------
+
+
+def nginx_worker(master: int) -> int:
+    """The pid of nginx's single worker (the process that serves)."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        for task in Path(f"/proc/{master}/task").iterdir():
+            kids = (task / "children").read_text().split()
+            if kids:
+                return int(kids[0])
+        time.sleep(0.05)
+    raise SystemExit("nginx started no worker process")
 
 
 def curl(transfers: list[tuple[str, str, str]]) -> float:
@@ -280,8 +293,8 @@ def main() -> None:
                 f.write(os.urandom(MiB))
         os.chmod(src, 0o644)
         server = subprocess.Popen([sys.executable, __file__, "--chunk", str(args.chunk),
-                                   "--serve", str(tmp / "daemon"), str(src)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True)
+                                   "--serve", str(tmp / "daemon"), str(src)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert server.stdout is not None
         info = json.loads(server.stdout.readline() or "{}")
         if "port" not in info:
@@ -322,36 +335,63 @@ def main() -> None:
                     path.unlink()
             return run
 
-        plan: list[tuple[str, Callable[[], float]]] = [
-            ("serve: curl <- fdship DownloadHandler, chunk by chunk", lambda: curl(ours)),
-            ("serve: curl <- nginx sendfile, same ranges", lambda: curl(nginx_ranges)),
-            ("serve: curl <- nginx sendfile, whole file", lambda: curl(nginx_whole)),
+        # CPU seconds of the process doing the work, sampled around each run:
+        # far steadier than MB/s on a shared machine, and what decides how
+        # much a daemon steals from the server it runs on.
+        def proc_cpu(pid: int) -> Callable[[], float]:
+            tick = os.sysconf("SC_CLK_TCK")
+
+            def cpu() -> float:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                return (int(fields[11]) + int(fields[12])) / tick
+            return cpu
+
+        def self_cpu() -> float:
+            ru = resource.getrusage(resource.RUSAGE_SELF)
+            return ru.ru_utime + ru.ru_stime
+
+        def children_cpu() -> float:
+            ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+            return ru.ru_utime + ru.ru_stime
+
+        ours_cpu = proc_cpu(server.pid)
+        ngx_cpu = proc_cpu(nginx_worker(nginx.pid))
+        plan: list[tuple[str, Callable[[], float], Callable[[], float]]] = [
+            ("serve: curl <- fdship DownloadHandler, chunk by chunk", lambda: curl(ours),
+             ours_cpu),
+            ("serve: curl <- nginx sendfile, same ranges", lambda: curl(nginx_ranges), ngx_cpu),
+            ("serve: curl <- nginx sendfile, whole file", lambda: curl(nginx_whole), ngx_cpu),
             ("fetch: PeerPool.fetch verify+pwrite, 1 in flight",
-             with_staging(lambda fd: pool_fetch(port, chunks, size, fd, 1))),
+             with_staging(lambda fd: pool_fetch(port, chunks, size, fd, 1)), self_cpu),
             ("fetch: PeerPool.fetch verify+pwrite, 4 in flight",
-             with_staging(lambda fd: pool_fetch(port, chunks, size, fd, 4))),
-            ("fetch: curl <- nginx, whole file to /dev/null", lambda: curl(nginx_whole)),
-            ("fetch: curl <- nginx, whole file to a fresh file", curl_to_file),
+             with_staging(lambda fd: pool_fetch(port, chunks, size, fd, 4)), self_cpu),
+            ("fetch: curl <- nginx, whole file to /dev/null", lambda: curl(nginx_whole),
+             children_cpu),
+            ("fetch: curl <- nginx, whole file to a fresh file", curl_to_file, children_cpu),
             ("fetch: Tornado AsyncHTTPClient streaming_callback",
-             with_staging(lambda fd: tornado_fetch(port, chunks, size, fd))),
+             with_staging(lambda fd: tornado_fetch(port, chunks, size, fd)), self_cpu),
         ]
-        plan = [(name, fn) for name, fn in plan if name.startswith(args.only)] if args.only \
-            else plan
+        plan = [p for p in plan if p[0].startswith(args.only)]
         print(f"loopback, {args.size} MiB in {len(chunks)} chunks of {args.chunk} KiB, "
               f"{args.runs} rounds; "
               f"{machine_notes()}; load average before: {os.getloadavg()[0]:.1f}",
               file=sys.stderr)
         # Rounds, not blocks: every round measures everything once, so a burst of
         # noise from the shared machine hits all contenders alike.
-        vals: dict[str, list[float]] = {name: [] for name, _ in plan}
+        vals: dict[str, list[float]] = {name: [] for name, _, _ in plan}
+        cpus: dict[str, list[float]] = {name: [] for name, _, _ in plan}
         for _ in range(args.runs):
-            for name, fn in plan:
+            for name, fn, cpu in plan:
                 os.sync()  # start each measurement with no writeback in progress
+                c0 = cpu()
                 vals[name].append(fn())
+                cpus[name].append((cpu() - c0) / (size / 2**30))
         results = [(name, statistics.median(v), v) for name, v in vals.items()]
-        for name, med, v in results:
-            print(f"  {name:<58} {med:8.0f} MB/s   runs: " + " ".join(f"{x:.0f}" for x in v),
-                  file=sys.stderr)
+        cpu_med = {name: statistics.median(v) for name, v in cpus.items()}
+        print(f"  {'':<58} {'median':>8}        {'CPU s/GiB':>9}", file=sys.stderr)
+        for name, med_, v in results:
+            print(f"  {name:<58} {med_:8.0f} MB/s   {cpu_med[name]:6.2f}     runs: "
+                  + " ".join(f"{x:.0f}" for x in v), file=sys.stderr)
         print(f"  load average after: {os.getloadavg()[0]:.1f}", file=sys.stderr)
         med = {name: m for name, m, _ in results}
 
@@ -376,10 +416,11 @@ def main() -> None:
         for name, r in ratios:
             print(f"  {name:<66} {r:5.2f}x", file=sys.stderr)
         if args.markdown:
-            print("| measurement | median MB/s | runs |")
-            print("| --- | ---: | --- |")
+            print("| measurement | median MB/s | CPU s/GiB | runs (MB/s) |")
+            print("| --- | ---: | ---: | --- |")
             for name, m, v in results:
-                print(f"| {name} | {m:.0f} | {' '.join(f'{x:.0f}' for x in v)} |")
+                print(f"| {name} | {m:.0f} | {cpu_med[name]:.2f} | "
+                      f"{' '.join(f'{x:.0f}' for x in v)} |")
             print()
             print("| ratio | value |")
             print("| --- | ---: |")
