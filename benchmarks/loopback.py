@@ -402,13 +402,14 @@ def main() -> None:
         wanted = [
             ("serve / nginx same ranges (target >= 0.8)", "serve: curl <- fdship",
              "serve: curl <- nginx sendfile, same"),
-            ("serve / nginx whole file", "serve: curl <- fdship", "serve: curl <- nginx sendfile, whole"),
+            ("serve / nginx whole file", "serve: curl <- fdship",
+             "serve: curl <- nginx sendfile, whole"),
             ("fetch 1 in flight / curl<-nginx to /dev/null (target >= 0.5)",
              "fetch: PeerPool.fetch verify+pwrite, 1", "fetch: curl <- nginx, whole file to /dev"),
             ("fetch 1 in flight / curl<-nginx to a file", "fetch: PeerPool.fetch verify+pwrite, 1",
              "fetch: curl <- nginx, whole file to a fresh"),
-            ("fetch 4 in flight / curl<-nginx to /dev/null", "fetch: PeerPool.fetch verify+pwrite, 4",
-             "fetch: curl <- nginx, whole file to /dev"),
+            ("fetch 4 in flight / curl<-nginx to /dev/null",
+             "fetch: PeerPool.fetch verify+pwrite, 4", "fetch: curl <- nginx, whole file to /dev"),
             ("PeerPool / Tornado AsyncHTTPClient", "fetch: PeerPool.fetch verify+pwrite, 1",
              "fetch: Tornado"),
         ]

@@ -2,17 +2,17 @@
 
 Where it sits: every daemon mounts :class:`DownloadHandler`; peers running
 :mod:`fdship.daemon.fetch` call it for the chunks the center assigned them.
-Which bytes to send comes only from :meth:`fdship.daemon.store.Store.chunk_source`
+Which bytes to send comes only from :meth:`fdship.daemon.store.Store.open_chunk`
 (job, file and chunk are dictionary keys, never path parts), so a request can
 only ever read what the store holds verified.
 
 The body goes out with ``sendfile(2)`` on the connection's own socket, driven
 by the event loop (see ``DownloadHandler._sendfile``): the bytes travel page
-cache -> socket without entering Python.  Tornado does not know about those bytes, so after sending we
-credit them against the connection's Content-Length accounting
-(``HTTP1Connection._expected_content_remaining``, a private attribute) and let
-Tornado finish the response normally, which keeps the connection alive for
-the peer's next chunk.  ``tests/daemon/test_serve_fetch.py`` fails loudly if a
+cache -> socket without entering Python.  Tornado does not know about those
+bytes, so after sending we credit them against the connection's
+Content-Length accounting (``HTTP1Connection._expected_content_remaining``, a
+private attribute) and let Tornado finish the response normally, which keeps
+the connection alive for the peer's next chunk.  ``tests/daemon/test_serve_fetch.py`` fails loudly if a
 Tornado upgrade changes that contract; if the attribute is gone the handler
 falls back to the buffered path rather than corrupting the stream.
 
@@ -135,15 +135,14 @@ class DownloadHandler(BaseHandler):
                              "/daemon/download?job=J&file=F&chunk=C")
         check_job_id(job)
         file, chunk = self._int_arg("file"), self._int_arg("chunk")
-        src = self.store.chunk_source(job, file, chunk)
+        # Our own reference to the open file: if the job is dropped mid-send the
+        # store closes its fd, and a recycled fd number must not be read from.
+        src = self.store.open_chunk(job, file, chunk)
         if src is None:
             self.stats.not_found += 1
             raise NotFound(f"chunk {chunk} of job {job} file {file} is not held verified by "
                            "this daemon; ask the center for another peer")
-        # Our own reference to the open file: if the job is dropped mid-send the
-        # store closes its fd, and a recycled fd number must not be read from.
-        fd = os.dup(src[0])
-        offset, length = src[1], src[2]
+        fd, offset, length = src
         self.stats.uploads_in_flight += 1
         try:
             self.set_header("Content-Type", "application/octet-stream")

@@ -926,6 +926,18 @@ class Store:
                 return st.write_fd, off, length
         return None
 
+    def open_chunk(self, job: str, file: int, chunk: int) -> tuple[int, int, int] | None:
+        """Like :meth:`chunk_source`, but the fd is a fresh ``dup`` the caller must close.
+
+        Taken under the store's lock, so a concurrent :meth:`drop_job` cannot
+        close the cached fd between the lookup and the dup.
+        """
+        with self._lock:
+            src = self.chunk_source(job, file, chunk)
+            if src is None:
+                return None
+            return os.dup(src[0]), src[1], src[2]
+
     def inventory(self) -> list[Holding]:
         """What this daemon holds verified, per job file."""
         with self._lock:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import subprocess
 from pathlib import Path
@@ -125,11 +124,3 @@ def immutable() -> Iterator[Callable[[str], None]]:
     yield make
     for p in done:
         subprocess.run(["chattr", "-i", p], capture_output=True)
-
-
-def fill(path: str, leave: int = 0) -> None:
-    """Fill the file system holding ``path`` until about ``leave`` bytes are free."""
-    vfs = os.statvfs(os.path.dirname(path))
-    free = vfs.f_bavail * vfs.f_frsize
-    with open(path, "wb") as f:
-        f.write(b"\0" * max(0, free - leave))

@@ -23,7 +23,6 @@ from typing import Callable
 import pytest
 import tornado.httpclient
 import tornado.http1connection
-import xxhash
 
 from fdship.daemon.fetch import FetchError, PeerPool
 from fdship.daemon.ratelimit import RateLimiter
@@ -32,7 +31,7 @@ from fdship.daemon.store import PackResult, Snapshot, Store
 from fdship.errors import ConfigError, IntegrityError
 from fdship.protocol import (DAEMON_DOWNLOAD, FAIL_CONNECT, FAIL_HASH, FAIL_HTTP, FAIL_LOCAL,
                              FAIL_MISSING, FAIL_TIMEOUT)
-from tests.daemon.conftest import CS, file_xxh3, run, serving, write_random
+from tests.daemon.conftest import CS, run, serving, write_random
 
 StoreFactory = Callable[..., Store]
 REPO = Path(__file__).resolve().parents[2]

@@ -17,7 +17,7 @@ import xxhash
 from fdship.daemon.store import Store, free_space
 from fdship.errors import BadRequest, Conflict, IntegrityError, LocalIOError, NotFound
 from fdship.protocol import chunk_count
-from tests.daemon.conftest import CS, chunk_hashes, file_xxh3, fill, write_random
+from tests.daemon.conftest import CS, chunk_hashes, file_xxh3, write_random
 
 StoreFactory = Callable[..., Store]
 
@@ -487,13 +487,6 @@ def test_snapshot_disk_full_in_data_dir(tmp_path: Path, tmpfs: Callable[..., str
         s.snapshot(str(src), CS)
     assert os.listdir(os.path.join(small, "data/pending")) == []
     s.close()
-
-
-def test_fill_helper_really_fills(tmpfs: Callable[..., str]) -> None:
-    # Guards the disk-full tests in test_serve_fetch against a helper that silently does nothing.
-    small = tmpfs("1m")
-    fill(os.path.join(small, "filler"), leave=64 * 1024)
-    assert free_space(small) <= 128 * 1024
 
 
 def test_concurrent_pack_requests_install_once(store_factory: StoreFactory) -> None:
