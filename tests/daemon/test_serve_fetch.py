@@ -633,3 +633,39 @@ def test_one_gib_round_trip_in_bounded_memory(tmp_path: Path) -> None:
     assert out["after_snapshot"] - out["base"] < 64, out
     assert out["end"] - out["base"] < 64, out
     print(f"1 GiB round trip: {time.monotonic() - t0:.1f} s, rss {out}")
+
+
+def test_job_dropped_mid_upload_finishes_from_its_own_fd(store_factory: StoreFactory,
+                                                          tmp_path: Path) -> None:
+    # The store closes its cached fd on drop_job; an upload in progress holds a
+    # dup and must still send the right bytes, never whatever reuses the number.
+    a, b = store_factory("a"), store_factory("b")
+    cs = 2 * 1024 * 1024
+    snap, data = source(a, tmp_path, cs, cs=cs)
+    slow = RateLimiter(8 * 1024 * 1024, burst=256 * 1024)
+
+    async def body() -> None:
+        pool = PeerPool()
+        async with serving(a, limiter=slow) as (peer, stats):
+            st = b.open_staging("job1", 0, "/x", snap.size, snap.xxh3, cs)
+            task = asyncio.ensure_future(
+                pool.fetch(peer, "job1", 0, 0, cs, snap.chunks[0], st.write_fd, 0, 10.0))
+            for _ in range(500):
+                if stats.bytes_served:
+                    break
+                await asyncio.sleep(0.005)
+            assert 0 < stats.bytes_served < cs
+            a.drop_job("job1")
+            # Open files that may take over the closed fd numbers meanwhile.
+            decoys = [os.open(tmp_path / f"decoy{i}", os.O_CREAT | os.O_RDWR) for i in range(4)]
+            for d in decoys:
+                os.write(d, b"\xee" * 4096)
+            assert await task == cs
+            for d in decoys:
+                os.close(d)
+            assert os.pread(st.write_fd, cs, 0) == data
+            r = await http_get(f"http://{peer}{DAEMON_DOWNLOAD}?job=job1&file=0&chunk=0")
+            assert r.code == 404
+        await pool.close()
+
+    run(body())
