@@ -141,11 +141,13 @@ class SimCluster:
 
     def __init__(self, n_hosts: int, bandwidth: float, *, slow_fraction: float = 0.0,
                  slow_factor: float = 0.25, seed: int = 1, tunables: Tunables | None = None,
-                 latency: float = 0.001, beat_interval: float = 0.0) -> None:
+                 latency: float = 0.001, jitter: float = 0.0,
+                 beat_interval: float = 0.0) -> None:
         self.rng = random.Random(seed)
         self.clock = FakeClock()
         self.sched = Scheduler(tunables or Tunables(heartbeat_timeout=1e9), seed=seed)
         self.latency = latency
+        self.jitter = jitter
         self.beat_interval = beat_interval
         self.hosts: dict[str, SimHost] = {}
         names = [f"h{i:05d}" for i in range(n_hosts)]
@@ -197,6 +199,13 @@ class SimCluster:
         h.load = Load(**{**h.load.to_json(), **load})  # type: ignore[arg-type]
         self._deliver(self._beat(name))
 
+    def _delay(self) -> float:
+        """One network hop between center and daemon, or daemon and daemon:
+        ``latency``, give or take ``jitter`` of it (real hops are never equal)."""
+        if not self.jitter:
+            return self.latency
+        return self.latency * (1.0 + self.jitter * (2.0 * self.rng.random() - 1.0))
+
     def _push(self, at: float, kind: int, payload: Any) -> None:
         self._seq += 1
         heapq.heappush(self.queue, (at, self._seq, kind, payload))
@@ -231,15 +240,15 @@ class SimCluster:
                     if n > cap:
                         self.violations.append(f"cap exceeded: {f.peer_name} has {n} uploads "
                                                f"assigned, cap {cap}")
-                self._push(now + self.latency, _PULL,
+                self._push(now + self._delay(), _PULL,
                            [(a.job, a.target, f.peer_name, f.file, f.chunk, f.size)
                             for f in a.fetches])
             elif isinstance(a, Pack):
                 if a.notify:
-                    self._push(now + self.latency, _CENTER,
+                    self._push(now + self._delay(), _CENTER,
                                HookFinished(job=a.job, host=a.target, ok=True))
                 else:
-                    self._push(now + self.latency, _CENTER,
+                    self._push(now + self._delay(), _CENTER,
                                FilePacked(job=a.job, host=a.target, file=a.file.file))
             elif isinstance(a, JobEnded):
                 self.ended[a.job] = a.state
@@ -251,7 +260,7 @@ class SimCluster:
             t = self.hosts[target]
             if t.busy_slots < t.slots:
                 t.busy_slots += 1
-                self._push(self.clock.now + self.latency, _BEGIN,
+                self._push(self.clock.now + self._delay(), _BEGIN,
                            (job, target, peer, file, chunk, size))
             else:
                 t.waiting.append((job, peer, file, chunk, size))
@@ -298,7 +307,7 @@ class SimCluster:
         if t.waiting:
             job, peer, file, chunk, size = t.waiting.popleft()
             t.busy_slots += 1
-            self._push(now + self.latency, _BEGIN, (job, tr.target, peer, file, chunk, size))
+            self._push(now + self._delay(), _BEGIN, (job, tr.target, peer, file, chunk, size))
         t.freed.append(now)
         if t.downloads == 0:
             t.idle_since = now
@@ -312,7 +321,7 @@ class SimCluster:
             t.held.add((tr.job, tr.file, tr.chunk))
             ev = ChunkStored(job=tr.job, host=tr.target, file=tr.file, chunk=tr.chunk,
                              peer=tr.peer, nbytes=tr.size)
-        self._push(now + self.latency, _CENTER, ev)
+        self._push(now + self._delay(), _CENTER, ev)
 
     # -- bandwidth sharing ----------------------------------------------------------
 

@@ -5,15 +5,29 @@ carry out.  The center's runner is its only caller in production; the REDO log
 replays durable events through the same method; ``fdship simulate`` and the
 scenario tests drive it with simulated hosts.
 
-How a job flows: ``JobSubmitted`` creates one ``Machine`` per target.  Each
-target with a free download slot is given the chunks it lacks, rarest first
-(fewest holders plus copies in flight), each from a peer chosen by
-:mod:`fdship.core.placement`.  The source is a peer of last resort once a chunk
-has a copy elsewhere, so it sends each chunk about once.  ``ChunkStored`` (an
-ACK) makes the target a holder that others can fetch from; when a target holds
-every chunk of a file the core returns ``Pack``; ``FilePacked`` (a FIN) for
-every file ends the machine (after its notify hook, if any); when every
-machine has ended the job ends.
+How a job flows: ``JobSubmitted`` creates one ``Machine`` per target.  Work is
+matched from both ends, and every match is a chunk the target lacks, rarest
+first (fewest holders plus copies in flight):
+
+* a host with a free upload slot *volunteers* (``_serve``): it offers its
+  rarest chunk to the targets waiting longest for one.  The source offers
+  each chunk once, each to a different target (the one with the most spare
+  capacity to hand it on), so first copies spread out instead of piling up
+  on whichever target asked first; near the end it may send a few more
+  copies of the rarest chunks (``source_extra``);
+* a target with a free download slot *asks* (``_try``): for its rarest
+  missing chunks it takes the best free holder chosen by
+  :mod:`fdship.core.placement` (the source is a peer of last resort).
+
+An ``ACK`` (``ChunkStored``) frees one upload and one download slot: the
+peer's slot is offered first, then the target's is filled, then the target,
+now a holder, offers the chunk it just got.  So a fresh chunk is passed on
+within one round trip, and copies multiply by doubling.  Targets that could
+not be given work wait in ``Job.hungry``; ticks retry a bounded number of
+them and any whose backoff expired, so no event costs O(hosts).  When a
+target holds every chunk of a file the core returns ``Pack``; ``FilePacked``
+(a FIN) for every file ends the machine (after its notify hook, if any); when
+every machine has ended the job ends.
 
 State is split in two (see :mod:`fdship.core.events`): durable state changes
 only by handling durable events, so a replay of the log rebuilds it exactly
@@ -29,6 +43,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable
+
+import heapq
 
 from fdship.core import placement
 from fdship.core.actions import Action, AssignFetch, Commit, JobEnded, Pack
@@ -75,9 +91,25 @@ class Tunables:
     # A chunk may be sent by the source again while no other copy is alive or
     # in flight; beyond that the source sends a chunk at most this many times.
     source_copies: int = 1
-    # Consecutive fruitless tries of waiting targets after an event before we
-    # stop looking (the next tick does a full pass).
-    hungry_tries: int = 16
+    # Waiting targets tried per job on every tick (they are also served as soon
+    # as a holder frees a slot; this only sweeps up what no event woke).
+    hungry_tries: int = 64
+    # How much of each host's uplink and downlink the scheduler fills, counted in
+    # transfers that would each run at the full rate of the link (within the
+    # hosts' own caps on concurrent transfers, max_uploads / max_downloads).
+    # One: a chunk sent at the full rate of a link reaches the next host, which
+    # can pass it on, twice as soon as one sent beside another, and that is
+    # what lets copies multiply by doubling.  A transfer that can only run at a
+    # fraction of a link's rate (a fast target fed by a slow peer) counts as
+    # that fraction, so the link takes more of them until it is full.
+    upload_budget: float = 1.0
+    download_budget: float = 1.0
+    # Besides one copy of every chunk, the source may send this fraction of the
+    # file's chunks a second time, to targets waiting on the rarest chunks once
+    # every chunk is out (the end game).
+    source_extra: float = 0.05
+    # Waiting targets a volunteering peer looks at.
+    serve_sample: int = 16
 
 
 @dataclass
@@ -110,6 +142,13 @@ class HostState:
     version: str = ""
     want_inventory: bool = True
     bad_serves: int = 0  # chunks from this host that failed their hash
+    # Estimated uplink and downlink (bytes/s) from the chunks this host served
+    # and fetched: per-transfer rate times the transfers it ran side by side.
+    up_rate: float = 0.0
+    down_rate: float = 0.0
+    # Fractions of the uplink and downlink the assigned transfers are expected to use.
+    up_load: float = 0.0
+    down_load: float = 0.0
 
 
 @dataclass
@@ -127,6 +166,8 @@ class Machine:
     hook: dict[str, Any] | None = None
     # soft
     inflight: dict[int, tuple[str, float]] = field(default_factory=dict)
+    # Per in-flight chunk: the share of the peer's uplink and of our downlink it holds.
+    loads: dict[int, tuple[float, float]] = field(default_factory=dict)
     attempts: dict[int, int] = field(default_factory=dict)
     total_attempts: int = 0
     retry_at: dict[int, float] = field(default_factory=dict)
@@ -161,6 +202,13 @@ class Job:
     inflight_count: list[int] = field(default_factory=list)
     source_sends: list[int] = field(default_factory=list)
     source_ok: bool = True
+    # Targets with a free download slot that could not be given work (FIFO).
+    hungry: dict[str, None] = field(default_factory=dict)
+    # Chunks the source has not sent yet, in the order it will offer them.
+    unsent: dict[int, None] = field(default_factory=dict)
+    source_extra_left: int = 0
+    # Per chunk, its holders as a list, to sample from when there are thousands.
+    holder_list: list[list[str]] = field(default_factory=list)
 
     @property
     def nchunks(self) -> int:
@@ -182,8 +230,16 @@ class Scheduler:
         self.rng = random.Random(seed)
         self.hosts: dict[str, HostState] = {}
         self.jobs: dict[str, Job] = {}
-        # Machines that still need chunks and had a free download slot we could not fill.
-        self.hungry: dict[tuple[str, str], None] = {}
+        self.running: dict[str, Job] = {}
+        # Alive hosts with an upload slot free (by the slot policy), in no order.
+        self.free_up: dict[str, None] = {}
+        # (time, job, machine): targets to try again when a chunk's backoff ends.
+        self.wakeups: list[tuple[float, str, str]] = []
+        # Mean CPU of the fleet (moving average over heartbeats): busyness is
+        # measured against it.
+        self.fleet_cpu = 0.0
+        # The downlink of the fleet's fast hosts (bytes/s), as measured.
+        self.ref_rate = 0.0
         self.pending_beats: dict[str, Any] = {}
         self.dirty_jobs: set[str] = set()
         self.dirty_hosts: set[str] = set()
@@ -193,7 +249,7 @@ class Scheduler:
 
     def handle(self, event: Event, now: float) -> list[Action]:
         method = getattr(self, "_on_" + type(event).__name__)
-        return method(event, now)
+        return method(event, now)  # type: ignore[no-any-return]
 
     # ------------------------------------------------------------------ admission
 
@@ -300,11 +356,14 @@ class Scheduler:
                   targets=tuple(ev.targets), chunk_size=ev.chunk_size, callback=ev.callback,
                   notify=ev.notify, machines=machines, base=base, where=where,
                   holders=[set() for _ in where], inflight_count=[0] * len(where),
-                  source_sends=[0] * len(where))
+                  source_sends=[0] * len(where), unsent=dict.fromkeys(range(len(where))),
+                  source_extra_left=int(self.t.source_extra * len(where)),
+                  holder_list=[[] for _ in where])
         if ev.callback:
             job.callback_state = {"url": ev.callback, "state": "pending", "attempts": 0,
                                   "error": None}
         self.jobs[ev.job] = job
+        self.running[ev.job] = job
         self.dirty_jobs.add(ev.job)
         actions: list[Action] = []
         for n, reason in ev.failed:
@@ -314,9 +373,19 @@ class Scheduler:
             m = machines[ev.source]
             for g in range(job.nchunks):
                 self._add_chunk(job, m, g, now, count_bytes=False)
+        # Packs for what needs no fetch (empty files); everyone else waits for
+        # the source to hand out first copies, one chunk to each of as many
+        # targets as it has slots, rather than to whoever asked first.
         for m in machines.values():
-            if not m.ended:
-                actions += self._try(job, m, now)
+            if m.ended:
+                continue
+            t = self.hosts.get(m.name)
+            if t is not None and t.alive:
+                actions += self._packs(job, m, t)
+            if len(m.have) < job.nchunks:
+                job.hungry[m.name] = None
+        actions += self._serve(self.hosts.get(job.source), now)
+        actions += self._feed_hungry(now, job)
         actions += self._maybe_end(job, now)
         return actions
 
@@ -328,14 +397,23 @@ class Scheduler:
             return []
         m = job.machines[ev.host]
         g = job.base[ev.file] + ev.chunk
+        entry = m.inflight.get(g)
+        peer = self.hosts.get(entry[0]) if entry is not None else None
+        if entry is not None:
+            self._observe(job, m, g, peer, now - entry[1])
         self._release(job, m, g)
+        actions: list[Action] = []
         if m.ended or g in m.have:
-            return []
+            actions += self._serve(peer, now)
+            return actions + (self._try(job, m, now) if not m.ended else [])
         m.retry_at.pop(g, None)
         self._add_chunk(job, m, g, now)
         self.dirty_jobs.add(job.id)
-        actions = self._try(job, m, now)
-        actions += self._feed_hungry(now)
+        # The peer's freed slot goes to whoever waited longest; then the target
+        # fills its own slot; then the target, now a holder, hands the chunk on.
+        actions += self._serve(peer, now)
+        actions += self._try(job, m, now)
+        actions += self._serve(self.hosts.get(m.name), now)
         return actions
 
     def _on_ChunksLost(self, ev: ChunksLost, now: float) -> list[Action]:
@@ -349,7 +427,7 @@ class Scheduler:
                 if g in m.have:
                     m.have.discard(g)
                     m.file_have[ev.file] -= 1
-                    job.holders[g].discard(m.name)
+                    self._drop_holder(job, g, m.name)
                     m.bytes_done -= job.chunk_size_of(g)
         m.packed.discard(ev.file)
         m.packing.discard(ev.file)
@@ -402,6 +480,7 @@ class Scheduler:
     def _on_JobsExpired(self, ev: JobsExpired, now: float) -> list[Action]:
         for j in ev.jobs:
             self.jobs.pop(j, None)
+            self.running.pop(j, None)
         return []
 
     # ------------------------------------------------------------------ soft events
@@ -428,13 +507,18 @@ class Scheduler:
         h.bytes_served, h.bytes_received = ld.bytes_served, ld.bytes_received
         h.free, h.allow_dest, h.hooks = dict(b.free), tuple(b.allow_dest), tuple(b.hooks)
         h.max_uploads, h.max_downloads, h.version = b.max_uploads, b.max_downloads, b.version
+        # A moving average over beats weighs hosts about equally whatever their number.
+        self.fleet_cpu += (ld.cpu - self.fleet_cpu) * min(1.0, 2.0 / max(1, len(self.hosts)))
+        self._upd_free(h)
         self.dirty_hosts.add(h.name)
         actions: list[Action] = []
         if b.inventory is not None:
             actions += self._reconcile(h, b.inventory, now)
             h.want_inventory = False
         if not was_alive:
-            actions += self._schedule_all(now)
+            actions += self._host_up(h, now)
+        elif h.name in self.free_up:
+            actions += self._serve(h, now)  # its load may have dropped enough to volunteer
         return actions
 
     def _reconcile(self, h: HostState, inventory: Iterable[Any], now: float) -> list[Action]:
@@ -505,8 +589,10 @@ class Scheduler:
                 reason=f"chunk {ev.chunk} of {path} failed {n} times; last error from "
                        f"{ev.peer or 'peer'}: {ev.error}"))]
         delay = min(self.t.backoff_cap, self.t.backoff_base * 2 ** (n - 1))
-        m.retry_at[g] = now + delay * (0.5 + self.rng.random())  # jitter: no thundering herd
-        return self._try(job, m, now) + self._feed_hungry(now)
+        m.retry_at[g] = at = now + delay * (0.5 + self.rng.random())  # jitter: no thundering herd
+        heapq.heappush(self.wakeups, (at, job.id, m.name))
+        peer = self.hosts.get(ev.peer)
+        return self._try(job, m, now) + self._serve(peer, now)
 
     def _on_PackFailed(self, ev: PackFailed, now: float) -> list[Action]:
         job = self.jobs.get(ev.job)
@@ -550,11 +636,15 @@ class Scheduler:
                 h.alive = False
                 self.dirty_hosts.add(h.name)
                 actions += self._host_lost(h, now, penalise=False)
-        for job in list(self.jobs.values()):
-            if job.state != "running":
-                continue
+        for job in list(self.running.values()):
             actions += self._check_job_deadlines(job, now)
-        actions += self._schedule_all(now)
+        # Targets whose backoff ended, then a bounded sweep of those still waiting.
+        while self.wakeups and self.wakeups[0][0] <= now:
+            _, jid, name = heapq.heappop(self.wakeups)
+            job = self.running.get(jid)
+            if job is not None and name in job.machines:
+                actions += self._try(job, job.machines[name], now)
+        actions += self._feed_hungry(now)
         expired = tuple(j.id for j in self.jobs.values()
                         if j.finished is not None and now - j.finished > self.t.retention)
         if expired:
@@ -607,12 +697,19 @@ class Scheduler:
             # Give every known daemon one heartbeat timeout to show up again.
             h.alive, h.last_seen, h.want_inventory = False, now, True
             h.uploads = h.downloads = 0
+            h.up_load = h.down_load = 0.0
+        self.free_up.clear()
+        self.wakeups.clear()
         for job in self.jobs.values():
             job.inflight_count = [0] * job.nchunks
+            job.hungry.clear()
             for m in job.machines.values():
                 m.inflight.clear()
+                m.loads.clear()
                 m.packing.clear()
                 m.hook_sent = False
+                if not m.ended and job.state == "running":
+                    job.hungry[m.name] = None
         return []
 
     # ------------------------------------------------------------------ mechanics
@@ -622,10 +719,71 @@ class Scheduler:
         f = job.where[g][0]
         m.file_have[f] += 1
         if m.name != job.source:  # the source serves only as the peer of last resort
-            job.holders[g].add(m.name)
+            if m.name not in job.holders[g]:
+                job.holders[g].add(m.name)
+                job.holder_list[g].append(m.name)
         m.bytes_done += job.chunk_size_of(g)
         if count_bytes:
             m.history.append((now, m.bytes_done))
+
+    def _drop_holder(self, job: Job, g: int, name: str) -> None:
+        if name in job.holders[g]:
+            job.holders[g].discard(name)
+            job.holder_list[g] = list(job.holders[g])
+
+    def _observe(self, job: Job, m: Machine, g: int, peer: HostState | None, dt: float) -> None:
+        """Learn link speeds from a finished fetch (soft state, for ranking only)."""
+        size = job.chunk_size_of(g)
+        if dt <= 0 or size < 64 * 1024:  # small chunks measure round trips, not links
+            return
+        rate = size / dt
+        t = self.hosts.get(m.name)
+        # A transfer shares each end with the others running there, and one
+        # end may have held it back: a sample measures an end only when it is
+        # as fast as the fleet's fastest, or when the other end is known to be
+        # clearly faster (so this end was the bottleneck).  Ambiguous samples
+        # (both ends slow, both unknown) teach nothing, so a fast host is
+        # never taken for a slow one because its first peer was slow.  An
+        # estimate follows the best recent sample, forgotten slowly (5%).
+        agg_up = rate * max(1, peer.uploads) if peer is not None else 0.0
+        agg_down = rate * max(1, t.downloads) if t is not None else 0.0
+        self.ref_rate = max(0.999 * self.ref_rate, agg_up, agg_down)
+        up_share = peer.up_rate / max(1, peer.uploads) if peer is not None else 0.0
+        down_share = t.down_rate / max(1, t.downloads) if t is not None else 0.0
+        if peer is not None and (agg_up >= 0.8 * self.ref_rate or down_share >= 1.5 * rate):
+            peer.up_rate = max(agg_up, 0.95 * peer.up_rate)
+        if t is not None and (agg_down >= 0.8 * self.ref_rate or up_share >= 1.5 * rate):
+            t.down_rate = max(agg_down, 0.95 * t.down_rate)
+
+    def _slow(self, t: HostState) -> bool:
+        """A target whose downlink is well below the fleet's fast ones."""
+        return 0 < t.down_rate < SLOWER * self.ref_rate
+
+    def _upd_free(self, h: HostState) -> None:
+        """Keep ``free_up`` = alive hosts that can take one more upload now."""
+        if (h.alive and h.uploads < placement.upload_slots(h, h.max_uploads, self.fleet_cpu)
+                and h.up_load <= self.t.upload_budget - FULL_ENOUGH):
+            self.free_up[h.name] = None
+        else:
+            self.free_up.pop(h.name, None)
+
+    def _worth(self, job: Job, m: Machine, t: HostState, peer: HostState) -> bool:
+        """Whether a transfer from ``peer`` would not hold ``m`` up.
+
+        A peer much slower than the target's downlink is used only while the
+        target has enough other chunks to fetch that the slow one arrives
+        before the rest would anyway; near its end a target waits for a fast
+        holder instead of taking its last chunks at a crawl.
+        """
+        if peer.up_rate <= 0 or t.down_rate <= 0 or peer.up_rate >= 0.5 * t.down_rate:
+            return True
+        missing = job.nchunks - len(m.have) - len(m.inflight)
+        return missing * peer.up_rate >= t.down_rate
+
+    def _down_free(self, t: HostState) -> bool:
+        """Whether target ``t`` can take one more download now."""
+        return (t.downloads < max(1, t.max_downloads)
+                and t.down_load <= self.t.download_budget - FULL_ENOUGH)
 
     def _release(self, job: Job, m: Machine, g: int) -> None:
         """Free the slots of an in-flight fetch of chunk g to machine m."""
@@ -633,22 +791,29 @@ class Scheduler:
         if entry is None:
             return
         peer = entry[0]
+        up, down = m.loads.pop(g, (0.0, 0.0))
         job.inflight_count[g] -= 1
         t = self.hosts.get(m.name)
         if t is not None and t.downloads > 0:
             t.downloads -= 1
+            t.down_load = max(0.0, t.down_load - down) if t.downloads else 0.0
         p = self.hosts.get(peer)
         if p is not None and p.uploads > 0:
             p.uploads -= 1
-        if t is not None and (job.id, m.name) not in self.hungry and not m.ended:
-            self.hungry[(job.id, m.name)] = None
+            p.up_load = max(0.0, p.up_load - up) if p.uploads else 0.0
+            self._upd_free(p)
+        if t is not None:
+            # The freed download slot may serve any job this host is a target of.
+            for j in self.running.values():
+                mm = j.machines.get(m.name)
+                if mm is not None and not mm.ended:
+                    j.hungry[m.name] = None
 
     def _host_lost(self, h: HostState, now: float, penalise: bool) -> list[Action]:
         """Cancel every assignment to or from ``h``; rescheduling happens at once."""
+        self._upd_free(h)
         touched: list[tuple[Job, Machine]] = []
-        for job in self.jobs.values():
-            if job.state != "running":
-                continue
+        for job in list(self.running.values()):
             for m in job.machines.values():
                 if m.name == h.name:
                     for g in list(m.inflight):
@@ -666,13 +831,22 @@ class Scheduler:
                 actions += self._try(job, m, now)
         return actions
 
+    def _host_up(self, h: HostState, now: float) -> list[Action]:
+        """A host (re)appeared: give it its own work, and let it serve what it holds."""
+        actions: list[Action] = []
+        for job in list(self.running.values()):
+            m = job.machines.get(h.name)
+            if m is not None and not m.ended:
+                actions += self._try(job, m, now)
+        return actions + self._serve(h, now)
+
     def _fail_machine(self, job: Job, m: Machine, reason: str, now: float) -> list[Action]:
         if m.ended:
             return []
         for g in list(m.inflight):
             self._release(job, m, g)
         m.ended, m.error, m.error_at, m.finished = "failed", reason, now, now
-        self.hungry.pop((job.id, m.name), None)
+        job.hungry.pop(m.name, None)
         self.dirty_jobs.add(job.id)
         return self._maybe_end(job, now)
 
@@ -681,53 +855,31 @@ class Scheduler:
             return []
         job.state = "done" if all(m.ended == "done" for m in job.machines.values()) else "failed"
         job.finished = now
-        for m in job.machines.values():
-            self.hungry.pop((job.id, m.name), None)
+        job.hungry.clear()
+        self.running.pop(job.id, None)
         self.dirty_jobs.add(job.id)
         return [JobEnded(job=job.id, state=job.state)]
 
-    def _schedule_all(self, now: float) -> list[Action]:
+    def _feed_hungry(self, now: float, only: Job | None = None) -> list[Action]:
+        """Try a bounded number of waiting targets per job, longest waiting first."""
         actions: list[Action] = []
-        for job in list(self.jobs.values()):
-            if job.state != "running":
-                continue
-            for m in job.machines.values():
-                if not m.ended:
-                    actions += self._try(job, m, now)
+        for job in [only] if only is not None else list(self.running.values()):
+            if not self.free_up:
+                break  # nobody could serve them
+            for name in list(job.hungry)[:self.t.hungry_tries]:
+                m = job.machines.get(name)
+                if m is None:
+                    job.hungry.pop(name, None)
+                    continue
+                actions += self._try(job, m, now)
+                if name in job.hungry:  # move to the back: fairness among waiters
+                    del job.hungry[name]
+                    job.hungry[name] = None
         return actions
 
-    def _feed_hungry(self, now: float) -> list[Action]:
-        """Offer freed capacity to machines that were waiting for a peer."""
+    def _packs(self, job: Job, m: Machine, t: HostState) -> list[Action]:
+        """Packs for files whose chunks are all here, and the hook once all are packed."""
         actions: list[Action] = []
-        misses = 0
-        for key in list(self.hungry):
-            if misses >= self.t.hungry_tries:
-                break
-            job = self.jobs.get(key[0])
-            if job is None or job.state != "running" or key[1] not in job.machines:
-                self.hungry.pop(key, None)
-                continue
-            got = self._try(job, job.machines[key[1]], now)
-            if got:
-                actions += got
-                misses = 0
-            else:
-                misses += 1
-            if key in self.hungry:  # move to the back: fairness among waiters
-                del self.hungry[key]
-                self.hungry[key] = None
-        return actions
-
-    def _try(self, job: Job, m: Machine, now: float) -> list[Action]:
-        """Give machine m whatever work it can take now: fetches, packs, its hook."""
-        if m.ended or job.state != "running":
-            self.hungry.pop((job.id, m.name), None)
-            return []
-        t = self.hosts.get(m.name)
-        if t is None or not t.alive:
-            return []
-        actions: list[Action] = []
-        # Packs for files whose chunks are all here.
         for f in range(len(job.files)):
             if (f not in m.packed and f not in m.packing
                     and m.file_have[f] == job.file_chunks(f)):
@@ -745,59 +897,256 @@ class Scheduler:
                                 file=StagedFile(file=0, dest="", size=0, xxh3="0" * 16),
                                 chunk_size=job.chunk_size, notify=job.notify, last=True,
                                 files_total=len(job.files)))
-        free = t.max_downloads - t.downloads
+        return actions
+
+    def _try(self, job: Job, m: Machine, now: float) -> list[Action]:
+        """Give machine m whatever work it can take now: fetches, packs, its hook."""
+        if m.ended or job.state != "running":
+            job.hungry.pop(m.name, None)
+            return []
+        t = self.hosts.get(m.name)
+        if t is None or not t.alive:
+            return []
+        actions = self._packs(job, m, t)
         missing = job.nchunks - len(m.have) - len(m.inflight)
-        if free <= 0 or missing <= 0:
-            if missing <= 0:
-                self.hungry.pop((job.id, m.name), None)
+        if not self._down_free(t) or missing <= 0:
+            job.hungry.pop(m.name, None)
             return actions
-        rng = self.rng
+        job.hungry[m.name] = None  # until proven otherwise
+        if not self.free_up:
+            return actions  # every uploader is busy: wait for one to volunteer
+        holders, counts, retry = job.holders, job.inflight_count, m.retry_at
+        have, inflight = m.have, m.inflight
         need = [g for g in range(job.nchunks)
-                if g not in m.have and g not in m.inflight and m.retry_at.get(g, 0.0) <= now]
-        # Rarest first: fewest holders plus copies already on their way.
-        need.sort(key=lambda g: (len(job.holders[g]) + job.inflight_count[g], rng.random()))
-        fetches: list[Fetch] = []
-        files: dict[int, StagedFile] = {}
+                if g not in have and g not in inflight and retry.get(g, 0.0) <= now]
+        # Rarest first: fewest holders plus copies already on their way.  Ties
+        # are broken by where the list starts, picked at random, so that
+        # targets asking at the same moment spread over different chunks.
+        if len(need) > 1:
+            k = self.rng.randrange(len(need))
+            need = need[k:] + need[:k]
+            # A slow target takes the commonest chunks instead: a rare chunk
+            # sent to it would reach the next host late and hold the swarm
+            # up, while it has plenty of time for the rest.
+            need.sort(key=lambda g: len(holders[g]) + counts[g], reverse=self._slow(t))
+        batch: dict[tuple[str, str], list[Fetch]] = {}
         for g in need:
-            if free <= 0:
+            if not self._down_free(t) or not self.free_up:
                 break
             peer = self._pick_peer(job, m, g)
             if peer is None:
                 continue
-            f, c = job.where[g]
-            off, size = chunk_span(job.files[f].size, job.chunk_size, c)
-            m.inflight[g] = (peer.name, now)
-            job.inflight_count[g] += 1
-            t.downloads += 1
-            peer.uploads += 1
-            free -= 1
-            if peer.name == job.source:
-                job.source_sends[g] += 1
-            fetches.append(Fetch(file=f, chunk=c, offset=off, size=size,
-                                 xxh3=job.files[f].chunks[c], peer=peer.address,
-                                 peer_name=peer.name))
-            if f not in files:
-                fs = job.files[f]
-                files[f] = StagedFile(file=f, dest=fs.dest, size=fs.size, xxh3=fs.xxh3)
-        if fetches:
-            self.dirty_jobs.add(job.id)
-            actions.append(AssignFetch(job=job.id, target=m.name, address=t.address,
+            self._assign(job, m, t, peer, g, now, batch)
+        actions += self._emit(batch)
+        self._requeue(job, m, t)
+        return actions
+
+    def _serve(self, h: HostState | None, now: float) -> list[Action]:
+        """Offer ``h``'s free upload slots to targets waiting for chunks it holds."""
+        if (h is None or h.name not in self.free_up
+                or not placement.volunteers(h, self.fleet_cpu)):
+            return []
+        batch: dict[tuple[str, str], list[Fetch]] = {}
+        for job in list(self.running.values()):
+            if h.name not in self.free_up:
+                break
+            if not job.hungry:
+                continue
+            if h.name == job.source:
+                if job.source_ok:
+                    self._serve_source(job, h, now, batch)
+            else:
+                mp = job.machines.get(h.name)
+                if mp is not None and mp.have:
+                    self._serve_peer(job, h, mp.have, now, batch)
+        return self._emit(batch)
+
+    def _waiting(self, job: Job, h: HostState, sample: int) -> list[tuple[Machine, HostState]]:
+        """Up to ``sample`` waiting targets of ``job`` that could take a fetch from ``h``.
+
+        The targets looked at move to the back of the queue, so the next
+        volunteer looks at others: every waiting target is considered within
+        a few events, at a bounded cost per event.
+        """
+        out: list[tuple[Machine, HostState]] = []
+        seen: list[str] = []
+        drop: list[str] = []
+        for name in job.hungry:
+            if len(out) >= sample or len(seen) + len(drop) >= 4 * sample:
+                break
+            m = job.machines.get(name)
+            t = self.hosts.get(name)
+            if (m is None or m.ended or t is None or not t.alive or not self._down_free(t)
+                    or len(m.have) + len(m.inflight) >= job.nchunks):
+                drop.append(name)
+                continue
+            seen.append(name)
+            if name != h.name and m.avoid.get(h.name, 0) < placement.AVOID_AFTER_FAILURES:
+                out.append((m, t))
+        for name in drop:
+            del job.hungry[name]
+        for name in seen:
+            del job.hungry[name]
+            job.hungry[name] = None
+        return out
+
+    def _requeue(self, job: Job, m: Machine, t: HostState) -> None:
+        """A target just given work goes to the back of the queue, or leaves it."""
+        job.hungry.pop(m.name, None)
+        if self._down_free(t) and len(m.have) + len(m.inflight) < job.nchunks:
+            job.hungry[m.name] = None
+
+    def _serve_source(self, job: Job, h: HostState, now: float,
+                      batch: dict[tuple[str, str], list[Fetch]]) -> None:
+        """First copies, each to a different target; then the end-game extras."""
+        while h.name in self.free_up and job.unsent:
+            g = next(iter(job.unsent))
+            if job.holders[g] or job.source_sends[g] >= self.t.source_copies:
+                del job.unsent[g]  # already out (e.g. held from before a restart)
+                continue
+            cands = [(m, t) for m, t in self._waiting(job, h, 4 * self.t.serve_sample)
+                     if g not in m.have and g not in m.inflight
+                     and m.retry_at.get(g, 0.0) <= now and m.last_failed_peer.get(g) != h.name]
+            if not cands:
+                return
+            # The target best placed to pass the chunk on: a link known to be
+            # fast, else one not measured yet, never a slow one while others
+            # wait (a first copy stuck on a slow link holds up the whole
+            # swarm); then fewest uploads under way; then at random.
+            fastest = max(t.down_rate for _, t in cands)
+            m, t = min(cands, key=lambda mt: (
+                0 if mt[1].down_rate >= 0.5 * fastest > 0 else 1 if mt[1].down_rate <= 0 else 2,
+                mt[1].uploads, self.rng.random()))
+            self._assign(job, m, t, h, g, now, batch)
+            self._requeue(job, m, t)
+        while h.name in self.free_up and not job.unsent and job.source_extra_left > 0:
+            best: tuple[int, Machine, HostState, int] | None = None
+            for m, t in self._waiting(job, h, self.t.serve_sample):
+                g2 = self._rarest(job, m, None, h.name, now)
+                if g2 is not None:
+                    r = len(job.holders[g2]) + job.inflight_count[g2]
+                    if best is None or r < best[0]:
+                        best = (r, m, t, g2)
+            # Only chunks still rare enough that the source's copy shortens
+            # the wait: once a chunk has a few copies, peers spread it faster.
+            if best is None or best[0] >= 4:
+                return
+            _, m, t, g2 = best
+            job.source_extra_left -= 1
+            self._assign(job, m, t, h, g2, now, batch)
+            self._requeue(job, m, t)
+
+    def _serve_peer(self, job: Job, h: HostState, have: set[int], now: float,
+                    batch: dict[tuple[str, str], list[Fetch]]) -> None:
+        # The target furthest behind first: the job ends when its last target
+        # does, and a target that fell behind early only catches up if it is
+        # served first whenever it waits.
+        waiting = self._waiting(job, h, self.t.serve_sample)
+        waiting.sort(key=lambda mt: (self._slow(mt[1]), len(mt[0].have) + len(mt[0].inflight)))
+        for m, t in waiting:
+            if h.name not in self.free_up:
+                return
+            if not self._down_free(t) or not self._worth(job, m, t, h):
+                continue
+            g = self._rarest(job, m, have, h.name, now, common=self._slow(t))
+            if g is None:
+                continue
+            self._assign(job, m, t, h, g, now, batch)
+            self._requeue(job, m, t)
+
+    def _rarest(self, job: Job, m: Machine, have: set[int] | None, peer: str,
+                now: float, common: bool = False) -> int | None:
+        """The rarest chunk among ``have`` (None: all) that m can fetch from ``peer``
+        now (with ``common``, the commonest: see ``_try``)."""
+        cands = (set(range(job.nchunks)) if have is None else have) - m.have
+        holders, counts, inflight = job.holders, job.inflight_count, m.inflight
+        retry, failed = m.retry_at, m.last_failed_peer
+        best, best_r, ties = None, 1 << 60, 0
+        for g in cands:
+            if g in inflight or (retry and retry.get(g, 0.0) > now) or \
+                    (failed and failed.get(g) == peer):
+                continue
+            r = len(holders[g]) + counts[g]
+            if common:
+                r = -r
+            if r < best_r:
+                best, best_r, ties = g, r, 1
+            elif r == best_r:
+                ties += 1
+                if self.rng.random() * ties < 1.0:  # uniform among equals
+                    best = g
+        return best
+
+    def _assign(self, job: Job, m: Machine, t: HostState, peer: HostState, g: int, now: float,
+                batch: dict[tuple[str, str], list[Fetch]]) -> None:
+        f, c = job.where[g]
+        off, size = chunk_span(job.files[f].size, job.chunk_size, c)
+        m.inflight[g] = (peer.name, now)
+        # The rate this transfer can run at, as a share of each end's link;
+        # unknown speeds count as equal (a full share at both ends).
+        # Estimates only bound a link from below, so only a clearly slower
+        # counterpart (a quarter-speed link, not a noisy sample) makes a
+        # transfer count as less than a full share.
+        up = down = 1.0
+        if peer.up_rate > 0 and t.down_rate > 0:
+            ratio = t.down_rate / peer.up_rate
+            if ratio < SLOWER:
+                up = ratio
+            elif ratio > 1.0 / SLOWER:
+                down = 1.0 / ratio
+        if peer.name == job.source and t.down_rate <= 0:
+            # The source hedges while it cannot tell a fast target from a slow
+            # one: its uplink, the swarm's only supply, takes a second transfer.
+            up = 0.5
+        m.loads[g] = (up, down)
+        job.inflight_count[g] += 1
+        t.downloads += 1
+        t.down_load += down
+        peer.uploads += 1
+        peer.up_load += up
+        self._upd_free(peer)
+        if peer.name == job.source:
+            job.source_sends[g] += 1
+            job.unsent.pop(g, None)
+        batch.setdefault((job.id, m.name), []).append(
+            Fetch(file=f, chunk=c, offset=off, size=size, xxh3=job.files[f].chunks[c],
+                  peer=peer.address, peer_name=peer.name))
+        self.dirty_jobs.add(job.id)
+
+    def _emit(self, batch: dict[tuple[str, str], list[Fetch]]) -> list[Action]:
+        actions: list[Action] = []
+        for (jid, name), fetches in batch.items():
+            job = self.jobs[jid]
+            files: dict[int, StagedFile] = {}
+            for fe in fetches:
+                if fe.file not in files:
+                    fs = job.files[fe.file]
+                    files[fe.file] = StagedFile(file=fe.file, dest=fs.dest, size=fs.size,
+                                                xxh3=fs.xxh3)
+            actions.append(AssignFetch(job=jid, target=name, address=self.hosts[name].address,
                                        files=tuple(files.values()), fetches=tuple(fetches)))
-        if free > 0 and len(need) > len(fetches):
-            self.hungry[(job.id, m.name)] = None
-        else:
-            self.hungry.pop((job.id, m.name), None)
         return actions
 
     def _pick_peer(self, job: Job, m: Machine, g: int) -> HostState | None:
         hosts = self.hosts
-        holders = [hosts[n] for n in job.holders[g] if n in hosts]
+        hs = job.holders[g]
+        free = self.free_up
+        # Look only where a free slot can be: the free uploaders that hold the
+        # chunk, or a sample of the holders when those are fewer to look at.
+        if len(free) <= len(hs):
+            names: Iterable[str] = [n for n in free if n in hs]
+        elif len(hs) <= 2 * placement.SAMPLE:
+            names = hs
+        else:
+            names = self.rng.sample(job.holder_list[g], 2 * placement.SAMPLE)
+        holders = [hosts[n] for n in names if n in hosts]
         avoid = m.avoid
         exclude = m.last_failed_peer.get(g, "")
-        cands = placement.filter_peers(holders, m.name, avoid, exclude)
-        cands = [h for h in cands if h.bad_serves < 3]
+        cands = placement.filter_peers(holders, m.name, avoid, exclude, free=free)
+        t = hosts[m.name]
+        cands = [h for h in cands if h.bad_serves < 3 and self._worth(job, m, t, h)]
         best = placement.rank(cands, source=job.source, avoid=avoid, rng=self.rng,
-                              w=self.weights)
+                              w=self.weights, fleet_cpu=self.fleet_cpu)
         if best is not None:
             return best  # type: ignore[return-value]
         # The source is the peer of last resort: once per chunk, again when no
@@ -805,21 +1154,22 @@ class Scheduler:
         # whose only other holder just failed this target.
         src = hosts.get(job.source)
         src_ok = not (src is None or not job.source_ok or not src.alive or src.name == m.name
-                      or src.uploads >= src.max_uploads
+                      or src.name not in free
                       or avoid.get(src.name, 0) >= placement.AVOID_AFTER_FAILURES)
         if src_ok:
             if job.source_sends[g] < self.t.source_copies or exclude:
                 return src
-            alive_copy = any(hosts[n].alive for n in job.holders[g] if n in hosts)
+            alive_copy = any(hosts[n].alive for n in hs if n in hosts)
             if not alive_copy and job.inflight_count[g] == 0:
                 return src
         if exclude:
             # Nobody else can serve it: give the failed peer another chance (after
             # the backoff) rather than stall.
-            cands = placement.filter_peers(holders, m.name, avoid)
+            cands = placement.filter_peers(holders, m.name, avoid, free=free)
             return placement.rank(cands, source=job.source, avoid=avoid,  # type: ignore
-                                  rng=self.rng, w=self.weights)
+                                  rng=self.rng, w=self.weights, fleet_cpu=self.fleet_cpu)
         return None
+
 
     # ------------------------------------------------------------------ queries
 
@@ -855,6 +1205,9 @@ class Scheduler:
         """Load a checkpoint written by ``snapshot()`` (soft state starts empty)."""
         self.hosts.clear()
         self.jobs.clear()
+        self.running.clear()
+        self.free_up.clear()
+        self.wakeups.clear()
         for n, h in snap["hosts"].items():
             self.hosts[n] = HostState(name=n, address=h["address"], labels=tuple(h["labels"]),
                                       boot_id=h["boot_id"], max_uploads=self.t.max_uploads,
@@ -876,6 +1229,7 @@ class Scheduler:
                 m.bytes_done = 0
                 for g in range(job.nchunks):
                     job.holders[g].discard(n)
+                job.unsent = dict.fromkeys(range(job.nchunks))
                 held = (range(job.nchunks) if ms["have"] == "all" else
                         [job.base[f] + c for f, chunks in enumerate(ms["have"]) for c in chunks])
                 for g in held:
@@ -884,7 +1238,19 @@ class Scheduler:
                 m.ended, m.error, m.error_at = ms["ended"], ms["error"], ms["error_at"]
                 m.finished, m.hook = ms["finished"], ms["hook"]
                 m.history.clear()
-        self.hungry.clear()
+            job.holder_list = [list(hs) for hs in job.holders]
+            job.hungry.clear()
+            if job.state != "running":
+                self.running.pop(jid, None)
+
+
+# A counterpart slower than this fraction of a link makes a transfer count as
+# that fraction of the link.
+SLOWER = 0.4
+# A link whose assigned transfers are expected to use more than its budget
+# minus this is full (so a fast link takes up to four transfers that each run
+# at a quarter of its rate, and one that runs at its full rate).
+FULL_ENOUGH = 0.25
 
 
 def _under(path: str, directory: str) -> bool:
