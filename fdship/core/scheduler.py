@@ -107,7 +107,7 @@ class Tunables:
     # Besides one copy of every chunk, the source may send this fraction of the
     # file's chunks a second time, to targets waiting on the rarest chunks once
     # every chunk is out (the end game).
-    source_extra: float = 0.05
+    source_extra: float = 0.1
     # Waiting targets a volunteering peer looks at.
     serve_sample: int = 16
 
@@ -432,7 +432,7 @@ class Scheduler:
         m.packed.discard(ev.file)
         m.packing.discard(ev.file)
         self.dirty_jobs.add(job.id)
-        return self._try(job, m, now) if not m.ended else []
+        return self._try(job, m, now, full=True) if not m.ended else []
 
     def _on_FilePacked(self, ev: FilePacked, now: float) -> list[Action]:
         job = self.jobs.get(ev.job)
@@ -592,7 +592,7 @@ class Scheduler:
         m.retry_at[g] = at = now + delay * (0.5 + self.rng.random())  # jitter: no thundering herd
         heapq.heappush(self.wakeups, (at, job.id, m.name))
         peer = self.hosts.get(ev.peer)
-        return self._try(job, m, now) + self._serve(peer, now)
+        return self._try(job, m, now, full=True) + self._serve(peer, now)
 
     def _on_PackFailed(self, ev: PackFailed, now: float) -> list[Action]:
         job = self.jobs.get(ev.job)
@@ -643,7 +643,7 @@ class Scheduler:
             _, jid, name = heapq.heappop(self.wakeups)
             job = self.running.get(jid)
             if job is not None and name in job.machines:
-                actions += self._try(job, job.machines[name], now)
+                actions += self._try(job, job.machines[name], now, full=True)
         actions += self._feed_hungry(now)
         expired = tuple(j.id for j in self.jobs.values()
                         if j.finished is not None and now - j.finished > self.t.retention)
@@ -828,7 +828,7 @@ class Scheduler:
         actions: list[Action] = []
         for job, m in touched:
             if not m.ended:
-                actions += self._try(job, m, now)
+                actions += self._try(job, m, now, full=True)
         return actions
 
     def _host_up(self, h: HostState, now: float) -> list[Action]:
@@ -837,7 +837,7 @@ class Scheduler:
         for job in list(self.running.values()):
             m = job.machines.get(h.name)
             if m is not None and not m.ended:
-                actions += self._try(job, m, now)
+                actions += self._try(job, m, now, full=True)
         return actions + self._serve(h, now)
 
     def _fail_machine(self, job: Job, m: Machine, reason: str, now: float) -> list[Action]:
@@ -871,7 +871,7 @@ class Scheduler:
                 if m is None:
                     job.hungry.pop(name, None)
                     continue
-                actions += self._try(job, m, now)
+                actions += self._try(job, m, now, full=True)
                 if name in job.hungry:  # move to the back: fairness among waiters
                     del job.hungry[name]
                     job.hungry[name] = None
@@ -899,8 +899,15 @@ class Scheduler:
                                 files_total=len(job.files)))
         return actions
 
-    def _try(self, job: Job, m: Machine, now: float) -> list[Action]:
-        """Give machine m whatever work it can take now: fetches, packs, its hook."""
+    def _try(self, job: Job, m: Machine, now: float, full: bool = False) -> list[Action]:
+        """Give machine m whatever work it can take now: fetches, packs, its hook.
+
+        Unless ``full``, only chunks some free uploader holds are considered
+        when the free uploaders are few (the common case in a busy swarm), so
+        the cost does not grow with the chunks nobody could serve now; the
+        tick's sweep looks at everything (retries from a failed peer, chunks
+        whose every holder died).
+        """
         if m.ended or job.state != "running":
             job.hungry.pop(m.name, None)
             return []
@@ -917,7 +924,17 @@ class Scheduler:
             return actions  # every uploader is busy: wait for one to volunteer
         holders, counts, retry = job.holders, job.inflight_count, m.retry_at
         have, inflight = m.have, m.inflight
-        need = [g for g in range(job.nchunks)
+        candidates: Iterable[int] = range(job.nchunks)
+        if not full and len(self.free_up) <= 2 * placement.SAMPLE:
+            usable: set[int] = set()
+            for q in self.free_up:
+                mq = job.machines.get(q)
+                if q == job.source:
+                    usable.update(job.unsent)
+                elif q != m.name and mq is not None:
+                    usable |= mq.have
+            candidates = usable
+        need = [g for g in candidates
                 if g not in have and g not in inflight and retry.get(g, 0.0) <= now]
         # Rarest first: fewest holders plus copies already on their way.  Ties
         # are broken by where the list starts, picked at random, so that
@@ -1021,8 +1038,9 @@ class Scheduler:
             self._requeue(job, m, t)
         while h.name in self.free_up and not job.unsent and job.source_extra_left > 0:
             best: tuple[int, Machine, HostState, int] | None = None
+            once = {g for g, n in enumerate(job.source_sends) if n <= self.t.source_copies}
             for m, t in self._waiting(job, h, self.t.serve_sample):
-                g2 = self._rarest(job, m, None, h.name, now)
+                g2 = self._rarest(job, m, once, h.name, now)
                 if g2 is not None:
                     r = len(job.holders[g2]) + job.inflight_count[g2]
                     if best is None or r < best[0]:
@@ -1145,6 +1163,16 @@ class Scheduler:
         cands = placement.filter_peers(holders, m.name, avoid, exclude, free=free)
         t = hosts[m.name]
         cands = [h for h in cands if h.bad_serves < 3 and self._worth(job, m, t, h)]
+        if cands and any(not placement.volunteers(h, self.fleet_cpu) for h in cands):
+            # Keep work off busy hosts: one serves only when no idle host holds
+            # the chunk at all (busy or not right now), so nothing stalls on it.
+            idle = [h for h in cands if placement.volunteers(h, self.fleet_cpu)]
+            if idle:
+                cands = idle
+            elif any(n != m.name and hosts[n].alive
+                     and placement.volunteers(hosts[n], self.fleet_cpu)
+                     for n in hs if n in hosts):
+                return None
         best = placement.rank(cands, source=job.source, avoid=avoid, rng=self.rng,
                               w=self.weights, fleet_cpu=self.fleet_cpu)
         if best is not None:
