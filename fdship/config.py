@@ -133,10 +133,22 @@ class CenterConfig:
     max_files: int = _opt(10_000, "most files in one job", _int)
     max_machines: int = _opt(10_000, "most machines in one job", _int)
     seed: int = _opt(0, "seed for the scheduler's tie-breaking (0: random per start)", _int)
+    tls_cert: str = _opt("", "PEM certificate (chain) to serve HTTPS with; needs tls_key. "
+                         "The center then also calls the daemons over HTTPS")
+    tls_key: str = _opt("", "PEM private key of tls_cert (not readable by others)")
+    tls_ca: str = _opt("", "PEM CA bundle that daemons' certificates are verified against "
+                       "(default: the system's trust store)")
+    max_body: int = _opt(64 * 1024 * 1024, "largest request body accepted (a request without "
+                         "the token may send at most 64K)", parse_size)
+    idle_timeout: float = _opt(300.0, "a connection that starts no request (or does not finish "
+                               "its headers) this long is closed", parse_duration)
+    body_timeout: float = _opt(60.0, "a request body that has not fully arrived this long after "
+                               "its headers is dropped", parse_duration)
     config: str = _opt("", "TOML config file")
 
     def validate(self) -> None:
         parse_hostport(self.listen, "listen")
+        validate_transport(self)
         if not 4096 <= self.chunk_size <= 1024**3:
             raise ConfigError("chunk_size must be between 4K and 1G")
         for name in ("max_uploads", "max_downloads", "max_attempts"):
@@ -167,7 +179,23 @@ class DaemonConfig:
     max_uploads: int = _opt(4, "concurrent chunk uploads this daemon serves", _int)
     max_downloads: int = _opt(4, "concurrent chunk downloads this daemon runs", _int)
     heartbeat_interval: float = _opt(1.0, "seconds between load reports", parse_duration)
+    fetch_timeout: float = _opt(120.0, "a chunk fetch not finished this long fails and the "
+                                "center reassigns it (keep it at most the center's "
+                                "fetch_timeout)", parse_duration)
+    write_timeout: float = _opt(30.0, "a peer that takes none of a chunk's bytes this long is "
+                                "hung up on, freeing the upload slot", parse_duration)
     token_file: str = _opt("", "file holding the shared token (mode 0600)")
+    tls_cert: str = _opt("", "PEM certificate (chain) to serve HTTPS with; needs tls_key. "
+                         "Chunk fetches from peers then use TLS too")
+    tls_key: str = _opt("", "PEM private key of tls_cert (not readable by others)")
+    tls_ca: str = _opt("", "PEM CA bundle the center's and peers' certificates are verified "
+                       "against (default: the system's trust store)")
+    max_body: int = _opt(64 * 1024 * 1024, "largest request body accepted (a request without "
+                         "the token may send at most 64K)", parse_size)
+    idle_timeout: float = _opt(120.0, "a connection that starts no request (or does not finish "
+                               "its headers) this long is closed", parse_duration)
+    body_timeout: float = _opt(60.0, "a request body that has not fully arrived this long after "
+                               "its headers is dropped", parse_duration)
     fault_inject: str = _opt("", "TESTING ONLY: corrupt=P or drop=P makes served chunks bad "
                              "with probability P; needs allow_fault_injection", )
     allow_fault_injection: bool = _opt(False, "permit fault_inject (never in production)", _bool)
@@ -181,6 +209,9 @@ class DaemonConfig:
             parse_hostport(self.advertise, "advertise")
         if not self.center.startswith(("http://", "https://")):
             raise ConfigError(f"center: {self.center!r} must be a URL like http://10.0.0.1:7070")
+        validate_transport(self)
+        if self.fetch_timeout <= 0 or self.write_timeout <= 0:
+            raise ConfigError("fetch_timeout and write_timeout must be positive")
         if not os.path.isabs(self.root):
             raise ConfigError(f"root: {self.root!r} must be an absolute path")
         for d in self.allow_dest + self.allow_source:
@@ -198,6 +229,27 @@ class DaemonConfig:
             if host in ("0.0.0.0", "", "::"):
                 host = primary_address()
             self.advertise = f"{host}:{port}"
+
+
+def validate_transport(cfg: Any) -> None:
+    """Checks shared by both processes: TLS files, body limit, connection timeouts.
+
+    The TLS files are only checked to exist here; ``fdship.web.server_ssl_context``
+    loads them when the process starts, so a bad certificate also stops it
+    with a one-line reason.
+    """
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        raise ConfigError("tls_cert and tls_key go together: give both to serve HTTPS, or "
+                          "neither")
+    for name in ("tls_cert", "tls_key", "tls_ca"):
+        path = getattr(cfg, name)
+        if path and not os.path.isfile(path):
+            raise ConfigError(f"{name}: {path} is not a readable file; give the path of a PEM "
+                              "file")
+    if cfg.max_body < 64 * 1024:
+        raise ConfigError("max_body must be at least 64K")
+    if cfg.idle_timeout <= 0 or cfg.body_timeout <= 0:
+        raise ConfigError("idle_timeout and body_timeout must be positive")
 
 
 def primary_address() -> str:

@@ -16,7 +16,6 @@ import signal
 import time
 from typing import Any
 
-import tornado.httpserver
 import tornado.iostream
 import tornado.netutil
 import tornado.web
@@ -29,7 +28,8 @@ from fdship.config import CenterConfig, parse_hostport, read_token
 from fdship.core import views
 from fdship.core.events import (ChunkStored, FetchFailed, FilePacked, HookFinished, PackFailed)
 from fdship.errors import BadRequest, ConfigError, NotFound
-from fdship.web import BaseHandler, MetricsHandler, NotFoundHandler
+from fdship.httpclient import configure_tls
+from fdship.web import BaseHandler, MetricsHandler, NotFoundHandler, make_server
 
 log = logging.getLogger("fdship.center")
 
@@ -77,6 +77,23 @@ class CenterHandler(BaseHandler):
     def runner(self) -> Runner:
         return self.settings["fdship_runner"]  # type: ignore[no-any-return]
 
+    def concerns_running_job(self, job: str, host: str, file: int,
+                             chunk: int | None = None) -> bool:
+        """Whether a report names a running job, one of its machines, a file and chunk of it.
+
+        Reports that do not are answered but never logged: the scheduler would
+        ignore them anyway, and the REDO log must not grow from requests that
+        change nothing (a late report of an expired job, or a forged one).
+        """
+        j = self.runner.sched.jobs.get(job)
+        if j is None or j.state != "running" or host not in j.machines:
+            return False
+        if file == -1:  # a machine-level report (the notify hook)
+            return True
+        if file >= len(j.files):
+            return False
+        return chunk is None or chunk < j.file_chunks(file)
+
 
 class JobHandler(CenterHandler):
     async def post(self) -> None:
@@ -92,7 +109,11 @@ class AckHandler(CenterHandler):
         batch = self.parse(P.AckBatch.from_json)
         m: CenterMetrics = self.settings["fdship_metrics"]
         futs = []
+        ignored = 0
         for a in batch.acks:
+            if not self.concerns_running_job(a.job, batch.host, a.file, a.chunk):
+                ignored += 1
+                continue
             if a.ok:
                 m.acks.inc()
                 m.bytes.inc(a.nbytes)
@@ -106,12 +127,15 @@ class AckHandler(CenterHandler):
                                  peer=a.peer, fail=a.kind, error=a.error)
             futs.append(self.runner.submit(ev))
         await asyncio.gather(*futs)  # all land in one turn: one fsync
-        self.send_json({"ok": True})
+        self.send_json({"ok": True, "ignored": ignored})
 
 
 class FinHandler(CenterHandler):
     async def post(self) -> None:
         fin = self.parse(P.Fin.from_json)
+        if not self.concerns_running_job(fin.job, fin.host, fin.file):
+            self.send_json({"ok": True, "ignored": 1})
+            return
         if fin.file == -1:
             detail = tuple(sorted((fin.hook or {}).items()))
             ev: Any = HookFinished(job=fin.job, host=fin.host, ok=fin.ok, error=fin.error,
@@ -241,16 +265,19 @@ async def run_center(cfg: CenterConfig) -> None:
     for note in runner.recover():
         log.info("%s", note)
     try:
+        configure_tls(cfg.tls_ca, peers_https=bool(cfg.tls_cert))
+        server = make_server(make_app(runner, token, metrics), cfg, token)
         sockets = tornado.netutil.bind_sockets(port, address=host or None)
+    except ConfigError:
+        runner.redo.close()
+        raise
     except OSError as e:
         runner.redo.close()
         raise ConfigError(f"cannot listen on {cfg.listen}: {e.strerror}") from None
-    server = tornado.httpserver.HTTPServer(make_app(runner, token, metrics),
-                                           max_body_size=256 * 1024 * 1024, idle_connection_timeout=300)
     server.add_sockets(sockets)
     runner.start()
-    log.info("fdship center %s listening on %s (data dir %s, chunk size %d)", __version__,
-             cfg.listen, cfg.data_dir, cfg.chunk_size)
+    log.info("fdship center %s listening on %s://%s (data dir %s, chunk size %d)", __version__,
+             "https" if cfg.tls_cert else "http", cfg.listen, cfg.data_dir, cfg.chunk_size)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -36,7 +36,7 @@ from fdship.core.events import (CallbackDelivered, CommandUndelivered, Event, Ho
 from fdship.core.scheduler import Scheduler, Tunables
 from fdship.daemon.client import DaemonClient
 from fdship.errors import FdshipError, NotFound
-from fdship.httpclient import call
+from fdship.httpclient import call, peer_url
 
 log = logging.getLogger("fdship.center")
 
@@ -320,7 +320,7 @@ class Runner:
     async def _send_pull(self, a: AssignFetch) -> None:
         req = P.PullRequest(job=a.job, files=a.files, fetches=a.fetches)
         try:
-            await DaemonClient(a.address, self.token).pull(req)
+            await DaemonClient(peer_url(a.address), self.token).pull(req)
         except FdshipError as e:
             log.warning("job=%s host=%s pull not delivered: %s", a.job, a.target, e)
             await self.inbox.put(_Item("event", CommandUndelivered(
@@ -331,7 +331,7 @@ class Runner:
         req = P.PackRequest(job=a.job, file=a.file, chunk_size=a.chunk_size, notify=a.notify,
                             last=a.last, files_total=a.files_total)
         try:
-            await DaemonClient(a.address, self.token).pack(req)
+            await DaemonClient(peer_url(a.address), self.token).pack(req)
         except FdshipError as e:
             log.warning("job=%s host=%s pack not delivered: %s", a.job, a.target, e)
             await self.inbox.put(_Item("event", CommandUndelivered(
@@ -360,7 +360,7 @@ class Runner:
                 return
             result = views.job_result(job, self.clock())
             try:
-                await call("POST", job.callback, result, timeout=30)
+                await call("POST", job.callback, result, timeout=30, cluster=False)
                 ok = True
                 break
             except FdshipError as e:

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
-import tornado.httpserver
 import tornado.netutil
 import tornado.web
 from prometheus_client import CollectorRegistry
@@ -50,12 +49,12 @@ from fdship.daemon.serve import DownloadHandler, ServeStats
 from fdship.daemon.store import Store, free_space
 from fdship.errors import (BadRequest, ConfigError, FdshipError, IntegrityError, LocalIOError,
                            NotFound, Unavailable, Unprocessable)
-from fdship.web import BaseHandler, MetricsHandler, NotFoundHandler
+from fdship.httpclient import cluster_ssl_context, configure_tls
+from fdship.web import BaseHandler, MetricsHandler, NotFoundHandler, make_server
 
 log = logging.getLogger("fdship.daemon")
 
 ACK_FLUSH_SECONDS = 0.005
-FETCH_TIMEOUT = 120.0
 
 
 def _under(path: str, directory: str) -> bool:
@@ -143,7 +142,9 @@ class Daemon:
         self.store = Store(cfg.data_dir, cfg.root)
         self.up_limiter = RateLimiter(cfg.upload_rate)
         self.down_limiter = RateLimiter(cfg.download_rate)
-        self.pool = PeerPool(token=token, limiter=self.down_limiter)
+        # TLS is all or nothing across a cluster: serving HTTPS means peers do too.
+        self.pool = PeerPool(token=token, limiter=self.down_limiter,
+                             ssl=cluster_ssl_context() if cfg.tls_cert else None)
         self.serve_stats = ServeStats()
         self.center = CenterClient(cfg.center, token)
         self.hooks = HookRunner(cfg.hooks)
@@ -154,6 +155,9 @@ class Daemon:
         self.fetch_slots = asyncio.Semaphore(max(1, cfg.max_downloads))
         self.acks: deque[P.Ack] = deque()
         self.ack_event = asyncio.Event()
+        # Held by an inventory heartbeat from building it until the center answers,
+        # and by every ack batch and job submission in flight (see _heartbeats).
+        self.report_lock = asyncio.Lock()
         self.packs: dict[tuple[str, int], asyncio.Task[Any]] = {}
         self.not_live: dict[str, int] = {}
         self.counters = {"packed": 0, "pack_failed": 0}
@@ -232,7 +236,16 @@ class Daemon:
         failures = 0
         while True:
             try:
-                reply = await self.center.heartbeat(self.beat())
+                if self.want_inventory:
+                    # An inventory pictures the store at one moment.  An ack or a
+                    # submission sent after that moment could reach the center
+                    # before the picture does, which would then "lose" that chunk
+                    # (refetched) or that job's snapshot (job failed).  So they take
+                    # turns: the picture is taken once nothing is in flight.
+                    async with self.report_lock:
+                        reply = await self.center.heartbeat(self.beat())
+                else:
+                    reply = await self.center.heartbeat(self.beat())
                 if failures:
                     log.info("center %s reachable again", self.cfg.center)
                 failures = 0
@@ -284,7 +297,8 @@ class Daemon:
             await asyncio.sleep(ACK_FLUSH_SECONDS)  # let a few acks gather
             batch = [self.acks[i] for i in range(min(len(self.acks), 1000))]
             try:
-                await self.center.ack(P.AckBatch(host=self.name, acks=tuple(batch)))
+                async with self.report_lock:
+                    await self.center.ack(P.AckBatch(host=self.name, acks=tuple(batch)))
                 for _ in batch:
                     self.acks.popleft()
                 failures = 0
@@ -376,7 +390,7 @@ class Daemon:
         try:
             async with self.fetch_slots:
                 n = await self.pool.fetch(f.peer, job, f.file, f.chunk, f.size, f.xxh3,
-                                          st.write_fd, f.offset, FETCH_TIMEOUT)
+                                          st.write_fd, f.offset, self.cfg.fetch_timeout)
             st.mark_chunk(f.chunk, f.xxh3)
             self.queue_ack(P.Ack(job=job, file=f.file, chunk=f.chunk, peer=f.peer_name, ok=True,
                                  nbytes=n, seconds=round(time.monotonic() - t0, 4)))
@@ -494,11 +508,13 @@ class Daemon:
                                      chunks=tuple(s.chunks)) for s, d in zip(snaps, dests, strict=True))
             jreq = P.JobRequest(source=self.name, files=files, machines=req.machines,
                                 chunk_size=chunk_size, callback=req.callback, notify=req.notify)
-            job = await self.center.submit(jreq)
+            async with self.report_lock:  # no inventory may overtake it (see _heartbeats)
+                job = await self.center.submit(jreq)
         except BaseException:
             for s in snaps:
                 self.store.discard_snapshot(s.key)
             raise
+        # Synchronously after the answer: no inventory can be taken in between.
         self.store.commit_snapshots(job, [s.key for s in snaps])
         log.info("job=%s submitted: %d files (%d bytes) to %s", job, len(files),
                  sum(f.size for f in files), ",".join(req.machines))
@@ -586,7 +602,7 @@ def make_app(d: Daemon) -> tornado.web.Application:
         (P.DAEMON_PACK, PackHandler),
         (P.DAEMON_DOWNLOAD, DownloadHandler,
          {"store": d.store, "limiter": d.up_limiter, "stats": d.serve_stats,
-          "fault": d.cfg.fault_inject}),
+          "fault": d.cfg.fault_inject, "write_timeout": d.cfg.write_timeout}),
         (P.DAEMON_STATUS, StatusHandler),
         (r"/daemon/jobs/([^/]+)", JobProxyHandler),
         (P.METRICS, MetricsHandler),
@@ -598,22 +614,26 @@ async def run_daemon(cfg: DaemonConfig) -> None:
     """Run a daemon until SIGTERM/SIGINT.  Raises ConfigError when it cannot start."""
     token = read_token(cfg.token_file)
     host, port = parse_hostport(cfg.listen, "listen")
+    configure_tls(cfg.tls_ca, peers_https=bool(cfg.tls_cert))
     d = Daemon(cfg, token)
     try:
         await asyncio.get_running_loop().run_in_executor(None, d.store.open)
     except LocalIOError as e:
         raise ConfigError(str(e)) from None
     try:
+        server = make_server(make_app(d), cfg, token)
         sockets = tornado.netutil.bind_sockets(port, address=host or None)
+    except ConfigError:
+        d.store.close()
+        raise
     except OSError as e:
         d.store.close()
         raise ConfigError(f"cannot listen on {cfg.listen}: {e.strerror}") from None
-    server = tornado.httpserver.HTTPServer(make_app(d), max_body_size=64 * 1024 * 1024,
-                                           idle_connection_timeout=120)
     server.add_sockets(sockets)
     d.start()
-    log.info("fdship daemon %s name=%s listening on %s advertising %s, center %s", __version__,
-             cfg.name, cfg.listen, cfg.advertise, cfg.center)
+    log.info("fdship daemon %s name=%s listening on %s://%s advertising %s, center %s",
+             __version__, cfg.name, "https" if cfg.tls_cert else "http", cfg.listen,
+             cfg.advertise, cfg.center)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -25,6 +25,7 @@ import errno
 import json
 import os
 import socket
+import ssl as ssl_module
 from collections import deque
 from dataclasses import dataclass, field
 from urllib.parse import quote
@@ -291,8 +292,11 @@ class PeerPool:
 
     def __init__(self, token: str = "", connect_timeout: float = 5.0,
                  limiter: RateLimiter | None = None, max_idle_per_peer: int = 4,
-                 max_idle: int = 64) -> None:
+                 max_idle: int = 64, ssl: ssl_module.SSLContext | None = None) -> None:
         self.token = token
+        # TLS to peers (the cluster serves HTTPS): the handshake counts against
+        # connect_timeout, and the body still lands in the one reusable buffer.
+        self.ssl = ssl
         self.connect_timeout = connect_timeout
         self.limiter = limiter if limiter is not None and limiter.enabled else None
         self.max_idle_per_peer = max_idle_per_peer
@@ -313,11 +317,15 @@ class PeerPool:
         loop = asyncio.get_running_loop()
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _Conn(self, peer), host.strip("[]"), int(port)),
+                loop.create_connection(lambda: _Conn(self, peer), host.strip("[]"), int(port),
+                                       ssl=self.ssl,
+                                       server_hostname=host.strip("[]") if self.ssl else None),
                 self.connect_timeout)
         except asyncio.TimeoutError:
             raise FetchError(FAIL_TIMEOUT, f"timed out connecting to peer {peer} after "
                              f"{self.connect_timeout:g} s") from None
+        except ssl_module.SSLError as e:
+            raise FetchError(FAIL_CONNECT, f"TLS with peer {peer} failed: {e}") from None
         except OSError as e:
             raise FetchError(FAIL_CONNECT, f"cannot connect to peer {peer}: "
                              f"{e.strerror or e}") from None
