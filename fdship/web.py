@@ -34,6 +34,12 @@ T = TypeVar("T")
 MAX_JSON_BODY = 64 * 1024 * 1024  # a job manifest of 10k files fits comfortably
 
 
+def _no_constants(name: str) -> Any:
+    # Python's json accepts NaN and Infinity; JSON does not, and a number that is
+    # not finite would end up in the center's state and answers.
+    raise ValueError(f"{name} is not a JSON number")
+
+
 class BaseHandler(tornado.web.RequestHandler):
     """JSON in, JSON out, token checked, errors rendered in one place."""
 
@@ -58,9 +64,11 @@ class BaseHandler(tornado.web.RequestHandler):
         if not body:
             raise ProtocolError("request body is empty: send a JSON object")
         try:
-            return json.loads(body)
+            return json.loads(body, parse_constant=_no_constants)
         except (ValueError, UnicodeDecodeError) as e:
             raise ProtocolError(f"request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise ProtocolError("request body is not valid JSON: nested too deeply") from None
 
     def parse(self, parser: Callable[[Any], T]) -> T:
         return parser(self.json_body())
@@ -110,6 +118,7 @@ class MetricsHandler(BaseHandler):
 
 class NotFoundHandler(BaseHandler):
     def prepare(self) -> None:
+        super().prepare()  # without the token, nobody learns which paths exist
         raise BadRequest(f"no such endpoint: {self.request.method} {self.request.path}",
                          status=404)
 
