@@ -272,3 +272,88 @@ class NetnsSwarm:
 
     def landed(self, i: int, path: str, dest: str = "/data") -> str:
         return os.path.join(self.root(i), dest.lstrip("/"), os.path.basename(path))
+
+
+# ---- the baseline: parallel-rsync over ssh ------------------------------------------
+
+
+@dataclass
+class SshFleet:
+    """sshd on every host of a swarm, with throwaway keys."""
+
+    key: str
+    known_hosts: str
+    sshd: list[subprocess.Popen[bytes]]
+
+    def ssh_options(self) -> list[str]:
+        return [f"IdentityFile={self.key}", f"UserKnownHostsFile={self.known_hosts}",
+                "StrictHostKeyChecking=yes", "IdentitiesOnly=yes", "BatchMode=yes",
+                "ConnectTimeout=20"]
+
+
+def start_sshd(sw: NetnsSwarm, timeout: float = 30.0) -> SshFleet:
+    """Run sshd in every host of ``sw``; a login lands in that host's ``--root``.
+
+    The hosts share one file system, so each sshd runs every command from the
+    host's own root directory (``ForceCommand``): a relative destination such
+    as ``data/`` then lands where fdship's ``--dest /data`` does.  The
+    processes run inside the namespaces, so the swarm's teardown stops them.
+    """
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege separation dir
+    keys = os.path.join(sw.base, "keys")
+    os.makedirs(keys, mode=0o700, exist_ok=True)
+    host_key, client_key = os.path.join(keys, "host"), os.path.join(keys, "client")
+    for k in (host_key, client_key):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "bench", "-f", k],
+                       check=True, capture_output=True, timeout=30)
+    authorized = os.path.join(keys, "authorized_keys")
+    shutil.copy(client_key + ".pub", authorized)
+    with open(host_key + ".pub", encoding="ascii") as f:
+        kind, pub = f.read().split()[:2]
+    known = os.path.join(keys, "known_hosts")
+    with open(known, "w", encoding="ascii") as f:
+        f.writelines(f"{h.addr} {kind} {pub}\n" for h in sw.hosts)
+    procs = []
+    for i, h in enumerate(sw.hosts):
+        cfg = os.path.join(keys, f"sshd-{i}.conf")
+        with open(cfg, "w", encoding="ascii") as f:
+            f.write(f"ListenAddress {h.addr}:22\nHostKey {host_key}\nPidFile none\n"
+                    f"AuthorizedKeysFile {authorized}\nPermitRootLogin prohibit-password\n"
+                    "PubkeyAuthentication yes\nPasswordAuthentication no\n"
+                    "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+                    "MaxStartups 200:30:400\nMaxSessions 200\nLogLevel ERROR\n"
+                    f"ForceCommand cd {sw.root(i)} && eval \"$SSH_ORIGINAL_COMMAND\"\n")
+        procs.append(h.popen(["/usr/sbin/sshd", "-D", "-e", "-f", cfg],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    deadline = time.monotonic() + timeout
+    for h in sw.hosts:
+        while True:
+            try:
+                with socket.create_connection((h.addr, 22), timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"sshd did not start on {h.addr}") from None
+                time.sleep(0.1)
+    return SshFleet(key=client_key, known_hosts=known, sshd=procs)
+
+
+def parallel_rsync(sw: NetnsSwarm, ssh: SshFleet, path: str, targets: Sequence[int],
+                   dest: str = "data/", timeout: float = 3600) -> float:
+    """Push ``path`` from host 0 to every target at once, as the old loop did; seconds."""
+    hosts_file = os.path.join(sw.base, "prsync-hosts")
+    with open(hosts_file, "w", encoding="ascii") as f:
+        f.writelines(f"root@{sw.hosts[i].addr}\n" for i in targets)
+    for i in targets:
+        os.makedirs(os.path.join(sw.root(i), dest), exist_ok=True)
+    argv = ["parallel-rsync", "-h", hosts_file, "-p", str(len(targets)), "-t", "0",
+            "-X", "--whole-file"]
+    for o in ssh.ssh_options():
+        argv += ["-O", o]
+    t0 = time.monotonic()
+    proc = sw.hosts[0].run([*argv, path, dest], check=False, timeout=timeout)
+    took = time.monotonic() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"parallel-rsync failed ({proc.returncode}):\n{proc.stdout[-2000:]}"
+                           f"\n{proc.stderr[-2000:]}")
+    return took

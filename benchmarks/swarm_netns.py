@@ -1,0 +1,183 @@
+"""fdship against a parallel-rsync push, side by side, on shaped network-namespace hosts.
+
+Usage (as root, from the repository root)::
+
+    python benchmarks/swarm_netns.py                       # the full table
+    python benchmarks/swarm_netns.py --cases 10x64 --repeat 1 --baseline 10
+
+Each case ``TxS`` ships S MiB from host 0 to T target hosts, every host's link
+shaped to ``--rate`` Mbit/s in both directions (tbf on both ends of its veth,
+see ``tests/netns.py``).  One cluster per case runs the real center and one
+daemon per host (``tests/cluster/swarm.py``); fdship ships the file
+``--repeat`` times, then, for the cases listed in ``--baseline``,
+``parallel-rsync`` (Debian package pssh) pushes the same file from host 0 to
+every target at once over ssh (sshd per host, throwaway keys).
+
+Reported per run: wall time (for fdship, from the POST to the source daemon to
+the job result, snapshot included), the lower bound S/B (file size over one
+link's rate), their ratio, the source host's egress (bytes its link carried,
+headers and control traffic included) over the file size, how long target
+downlinks sat idle mid-transfer (sampled every 50 ms from the link
+counters), and how busy the machine's CPUs were (``/proc/stat``): many
+daemons on few cores can be CPU-bound rather than network-bound, and the
+figure says so.  Medians over the repeats go in the table; ``--json`` keeps
+every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tests.cluster.swarm import (LinkSampler, NetnsSwarm, generate, parallel_rsync,  # noqa: E402
+                                 same_bytes, start_sshd)
+from tests.netns import netns_unavailable_reason  # noqa: E402
+
+MiB = 1024 * 1024
+
+
+def cpu_times() -> tuple[float, float]:
+    """(busy, total) jiffies of all CPUs."""
+    with open("/proc/stat", encoding="ascii") as f:
+        vals = [float(x) for x in f.readline().split()[1:]]
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0.0)
+    return sum(vals) - idle, sum(vals)
+
+
+def cpu_busy(before: tuple[float, float], after: tuple[float, float]) -> float:
+    total = after[1] - before[1]
+    return (after[0] - before[0]) / total if total > 0 else 0.0
+
+
+def fdship_run(sw: NetnsSwarm, src: str, size: int, targets: int, rate: float,
+               run: int) -> dict[str, Any]:
+    dest = f"/bench{run}"
+    e0, c0 = sw.egress(0), cpu_times()
+    served0 = sw.status(0)["bytes_served"]
+    sampler = LinkSampler(sw.hosts[1:]).start()
+    res, wall = sw.ship(src, range(1, targets + 1), dest=dest)
+    sampler.stop()
+    egress, busy = sw.egress(0) - e0, cpu_busy(c0, cpu_times())
+    if res["state"] != "done":
+        raise RuntimeError(f"fdship job ended {res['state']}: {json.dumps(res)[:2000]}")
+    for i in range(1, targets + 1):
+        landed = sw.landed(i, src, dest)
+        if not same_bytes(src, landed):
+            raise RuntimeError(f"h{i} got different bytes")
+        os.unlink(landed)  # keep the disk use of a long benchmark bounded
+    idle = [sampler.idle_seconds(k, rate) for k in range(targets)]
+    bound = size / rate
+    return {"tool": "fdship", "targets": targets, "size": size, "wall_s": wall,
+            "job_s": max(m["seconds"] for m in res["machines"].values()),
+            "bound_s": bound, "ratio": wall / bound, "egress_ratio": egress / size,
+            "served_ratio": (sw.status(0)["bytes_served"] - served0) / size,
+            "idle_mean_s": statistics.mean(idle), "idle_max_s": max(idle), "cpu_busy": busy}
+
+
+def rsync_run(sw: NetnsSwarm, ssh: Any, src: str, size: int, targets: int,
+              rate: float) -> dict[str, Any]:
+    e0, c0 = sw.egress(0), cpu_times()
+    wall = parallel_rsync(sw, ssh, src, range(1, targets + 1), dest="rsync/")
+    egress, busy = sw.egress(0) - e0, cpu_busy(c0, cpu_times())
+    for i in range(1, targets + 1):
+        landed = os.path.join(sw.root(i), "rsync", os.path.basename(src))
+        if not same_bytes(src, landed):
+            raise RuntimeError(f"rsync to h{i} got different bytes")
+        os.unlink(landed)
+    bound = size / rate
+    return {"tool": "parallel-rsync", "targets": targets, "size": size, "wall_s": wall,
+            "bound_s": bound, "ratio": wall / bound, "egress_ratio": egress / size,
+            "cpu_busy": busy}
+
+
+def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    row = dict(runs[0])
+    for k, v in runs[0].items():
+        if isinstance(v, float):
+            row[k] = statistics.median(r[k] for r in runs)
+    row["runs"] = len(runs)
+    return row
+
+
+def fmt(row: dict[str, Any]) -> str:
+    idle = f"{row['idle_mean_s']:.1f} / {row['idle_max_s']:.1f}" if "idle_mean_s" in row else "-"
+    return (f"| {row['tool']} | {row['targets']} | {row['size'] // MiB} MiB | "
+            f"{row['wall_s']:.1f} | {row['bound_s']:.1f} | {row['ratio']:.2f} | "
+            f"{row['egress_ratio']:.2f} | {idle} | {100 * row['cpu_busy']:.0f}% | "
+            f"{row['runs']} |")
+
+
+HEADER = ("| tool | targets | file | wall s (median) | S/B s | wall / (S/B) | source egress "
+          "/ file | target idle s mean / max | CPU busy | runs |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", default="10x64,20x64,40x64,20x200",
+                   help="TARGETSxMIB,... (default %(default)s)")
+    p.add_argument("--rate", type=float, default=80.0, help="Mbit/s per host, both directions")
+    p.add_argument("--repeat", type=int, default=3, help="fdship runs per case (median)")
+    p.add_argument("--baseline", default="10,20",
+                   help="target counts to run parallel-rsync for (default %(default)s; "
+                        "'none' for none)")
+    p.add_argument("--baseline-repeat", type=int, default=1)
+    p.add_argument("--json", default="", help="write every run to this file")
+    args = p.parse_args(argv)
+    reason = netns_unavailable_reason()
+    if reason:
+        print(f"swarm_netns: {reason}", file=sys.stderr)
+        return 2
+    cases = []
+    for c in args.cases.split(","):
+        t, _, s = c.partition("x")
+        cases.append((int(t), int(s) * MiB))
+    baseline = set() if args.baseline == "none" else {int(x) for x in args.baseline.split(",")}
+    rate = args.rate * 1e6 / 8  # bytes/s
+    rows: list[str] = []
+    every: list[dict[str, Any]] = []
+    for targets, size in cases:
+        print(f"== {targets} targets, {size // MiB} MiB, {args.rate:g} Mbit/s", flush=True)
+        with NetnsSwarm(targets + 1, args.rate, prefix="fbn") as sw:
+            src = os.path.join(sw.base, f"payload-{size // MiB}.bin")
+            generate(src, size, seed=targets)
+            runs = []
+            for r in range(args.repeat):
+                res = fdship_run(sw, src, size, targets, rate, r)
+                print(f"   fdship run {r + 1}: {res['wall_s']:.1f} s = {res['ratio']:.2f} x S/B, "
+                      f"egress {res['egress_ratio']:.2f} x, idle mean {res['idle_mean_s']:.1f} s, "
+                      f"CPU {100 * res['cpu_busy']:.0f}%", flush=True)
+                runs.append(res)
+                time.sleep(3)  # let the daemons drop the finished job's staging
+            every += runs
+            rows.append(fmt(median_row(runs)))
+            if targets in baseline:
+                ssh = start_sshd(sw)
+                bruns = []
+                for r in range(args.baseline_repeat):
+                    res = rsync_run(sw, ssh, src, size, targets, rate)
+                    print(f"   parallel-rsync run {r + 1}: {res['wall_s']:.1f} s = "
+                          f"{res['ratio']:.2f} x S/B, egress {res['egress_ratio']:.2f} x, "
+                          f"CPU {100 * res['cpu_busy']:.0f}%", flush=True)
+                    bruns.append(res)
+                every += bruns
+                rows.append(fmt(median_row(bruns)))
+    print()
+    print(HEADER)
+    for r in rows:
+        print(r)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(every, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
