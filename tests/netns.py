@@ -57,7 +57,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 __all__ = ["Cluster", "Host", "NetnsUnavailable", "netns_unavailable_reason", "require_netns"]
 
@@ -88,8 +88,9 @@ def _tc() -> str:
     return path
 
 
-def _sh(argv: Sequence[str], check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+def _sh(argv: Sequence[str], check: bool = True,
+        timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
     if check and proc.returncode != 0:
         raise RuntimeError(f"command failed ({proc.returncode}): {' '.join(argv)}\n"
                            f"{proc.stderr.strip()}")
@@ -169,7 +170,7 @@ class Host:
         """Run ``cmd`` inside this host and wait for it (``subprocess.run`` keywords)."""
         kwargs.setdefault("capture_output", True)
         kwargs.setdefault("text", True)
-        proc = subprocess.run(self.argv(cmd), timeout=timeout, **kwargs)
+        proc = subprocess.run(self.argv(cmd), timeout=timeout, **kwargs, check=False)
         if check and proc.returncode != 0:
             raise subprocess.CalledProcessError(proc.returncode, list(cmd), proc.stdout,
                                                 proc.stderr)
@@ -224,7 +225,7 @@ class Cluster:
 
     # ---- life cycle -------------------------------------------------------------------
 
-    def __enter__(self) -> Cluster:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -358,8 +359,10 @@ class Cluster:
             with contextlib.suppress(Exception):
                 used.add(int(rec["subnet"].split(".")[2]))
         nets = []
-        for line in _sh([_ip(), "-o", "-4", "addr", "show"], check=False).stdout.splitlines() + \
-                _sh([_ip(), "-4", "route", "show", "table", "all"], check=False).stdout.splitlines():
+        addrs = _sh([_ip(), "-o", "-4", "addr", "show"], check=False).stdout
+        routes = _sh([_ip(), "-4", "route", "show", "table", "all"], check=False).stdout
+        lines = addrs.splitlines() + routes.splitlines()
+        for line in lines:
             for tok in line.split():
                 with contextlib.suppress(ValueError):
                     nets.append(ipaddress.ip_network(tok, strict=False))

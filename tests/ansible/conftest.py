@@ -58,10 +58,11 @@ def ensure_commands(needed: dict[str, str] = NEEDED) -> None:
         pytest.fail(f"this test needs the packages {', '.join(missing)}; install them first")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     if not _apt_updated:
-        subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=300)
+        subprocess.run(["apt-get", "update"], env=env, capture_output=True, timeout=300,
+                       check=False)
         _apt_updated = True
     proc = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *missing],
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
     if proc.returncode != 0:
         pytest.fail(f"apt-get install {' '.join(missing)} failed; install them before the "
                     f"tests:\n{proc.stderr[-2000:]}")
@@ -194,7 +195,11 @@ def make_fleet(n: int) -> Iterator[Fleet]:
             yield Fleet(base=base, cluster=cluster, hosts=hosts, client_key=client_key,
                         known_hosts=known)
     finally:
-        shutil.rmtree(base, ignore_errors=True)
+        # FDSHIP_TEST_KEEP=1 keeps the directory (ansible logs, service logs) for a look.
+        if os.environ.get("FDSHIP_TEST_KEEP") == "1":
+            print(f"kept {base}")
+        else:
+            shutil.rmtree(base, ignore_errors=True)
 
 
 # ---- running a unit without systemd -------------------------------------------------------

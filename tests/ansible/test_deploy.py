@@ -48,7 +48,9 @@ from tests.ansible.conftest import (
     syscall_filter_allows,
 )
 
-pytestmark = pytest.mark.netns
+# Three to six minutes on a 2-core machine (most of it Ansible's per-task cost):
+# slow, but CI runs it (it is the only test of the roles against real hosts).
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = REPO / "ansible"
@@ -56,20 +58,47 @@ UNITS = REPO / "systemd"
 CHUNK = 256 * 1024
 
 
-def _build_wheelhouse(dest: Path) -> float:
-    """pip wheel the checkout (copied, so the build leaves nothing in it); returns seconds."""
-    src = dest.parent / "src"
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
-        ".hypothesis", ".mypy_cache", ".ruff_cache", "credentials"))
+def _build_wheelhouse(dest: Path, version_suffix: str = "", deps_from: Path | None = None) -> float:
+    """pip wheel the checkout (copied, so the build leaves nothing in it); returns seconds.
+
+    With ``version_suffix`` the copy's version gets it appended (a newer release for
+    upgrade.yml) and only fdship is built; the other wheels come from ``deps_from``.
+    """
+    src = dest.parent / f"src{version_suffix}"
+    src.mkdir()
+    # What the sdist holds: the packages and the files pyproject.toml names.
+    for name in ("pyproject.toml", "README.md", "LICENSE", "MANIFEST.in", "fdship", "tui"):
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, src / name,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        elif (REPO / name).exists():
+            shutil.copy(REPO / name, src / name)
+    if version_suffix:
+        pyproject = src / "pyproject.toml"
+        text, n = re.subn(r'(?m)^(version\s*=\s*")([^"]+)"', rf'\g<1>\g<2>{version_suffix}"',
+                          pyproject.read_text(), count=1)
+        assert n == 1, "no version line in pyproject.toml"
+        pyproject.write_text(text)
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet",
-                           "--disable-pip-version-check", "-w", str(dest), str(src)],
-                          capture_output=True, text=True, timeout=900)
+                           "--disable-pip-version-check", "-w", str(dest), str(src),
+                           *(["--no-deps"] if version_suffix else [])],
+                          capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, f"building the wheelhouse failed:\n{proc.stderr[-3000:]}"
     shutil.rmtree(src)
+    if deps_from is not None:
+        for whl in deps_from.glob("*.whl"):
+            if not whl.name.startswith("fdship-"):
+                shutil.copy(whl, dest / whl.name)
     assert len(list(dest.glob("fdship-*.whl"))) == 1
     return time.monotonic() - t0
+
+
+def _installed_version(h: SshHost) -> str:
+    return subprocess.run([str(h.path("/opt/fdship/venv/bin/python")), "-I", "-c",
+                           "import importlib.metadata as m; print(m.version('fdship'))"],
+                          capture_output=True, text=True, check=True, timeout=60,
+                          cwd="/").stdout.strip()
 
 
 def _write_inventory(fleet: Fleet, wheelhouse: Path) -> Path:
@@ -144,7 +173,8 @@ def _playbook(fleet: Fleet, inv: Path, playbook: str, *extra: str) -> tuple[dict
     assert ansible.exists(), "ansible-playbook is missing: pip install -e '.[test]'"
     t0 = time.monotonic()
     proc = subprocess.run([str(ansible), "-i", str(inv), playbook, *extra], cwd=ANSIBLE_DIR,
-                          env=fleet.ansible_env(), capture_output=True, text=True, timeout=900)
+                          env=fleet.ansible_env(), capture_output=True, text=True, timeout=900,
+                          check=False)
     seconds = time.monotonic() - t0
     out = proc.stdout + proc.stderr
     log = fleet.base / f"ansible-{playbook}-{int(t0)}.log"
@@ -192,10 +222,10 @@ def _check_install(fleet: Fleet) -> None:
         assert cfg["root"] == str(h.path("/"))
         assert cfg["token_file"] == str(token)
         # fdship's own loader accepts the file (every key known, every value valid).
-        proc = subprocess.run([str(venv_py), "-c", (
+        proc = subprocess.run([str(venv_py), "-I", "-c", (
             "import sys; from fdship.config import DaemonConfig, load; "
-            "c = load(DaemonConfig, {'config': sys.argv[1]}); print(c.label, c.allow_dest)")
-            , str(daemon_toml)], capture_output=True, text=True, timeout=60)
+            "c = load(DaemonConfig, {'config': sys.argv[1]}); print(c.label, c.allow_dest)"),
+            str(daemon_toml)], capture_output=True, text=True, timeout=60, cwd="/", check=False)
         assert proc.returncode == 0, proc.stderr
         dropin = h.path("/etc/systemd/system/fdship-daemon.service.d/50-fdship-paths.conf")
         rw = read_unit(unit)["ReadWritePaths"]
@@ -218,10 +248,10 @@ def _check_install(fleet: Fleet) -> None:
     assert h0.path("/etc/systemd/system/fdship-center.service").read_bytes() == \
         (UNITS / "fdship-center.service").read_bytes()
     assert not fleet.hosts[1].path("/etc/fdship/center.toml").exists()
-    proc = subprocess.run([str(h0.path("/opt/fdship/venv/bin/python")), "-c", (
+    proc = subprocess.run([str(h0.path("/opt/fdship/venv/bin/python")), "-I", "-c", (
         "import sys; from fdship.config import CenterConfig, load; "
         "c = load(CenterConfig, {'config': sys.argv[1]}); print(c.chunk_size)"),
-        str(center_toml)], capture_output=True, text=True, timeout=60)
+        str(center_toml)], capture_output=True, text=True, timeout=60, cwd="/", check=False)
     assert proc.returncode == 0 and proc.stdout.strip() == str(CHUNK), proc.stderr
 
 
@@ -238,12 +268,13 @@ def _verify_units(fleet: Fleet) -> None:
         if h is fleet.hosts[0]:
             units.append("/etc/systemd/system/fdship-center.service")
         proc = subprocess.run(["systemd-analyze", "verify", "--man=no", f"--root={h.root}",
-                               *units], capture_output=True, text=True, timeout=120)
+                               *units], capture_output=True, text=True, timeout=120,
+                              check=False)
         assert proc.returncode == 0 and "fdship" not in proc.stderr, proc.stderr
         for unit in units:
             sec = subprocess.run(["systemd-analyze", "security", "--offline=true",
                                   f"--root={h.root}", "--no-pager", unit],
-                                 capture_output=True, text=True, timeout=120)
+                                 capture_output=True, text=True, timeout=120, check=False)
             m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", sec.stdout)
             assert m, sec.stdout[-2000:] + sec.stderr
             print(f"systemd-analyze security {h.name} {Path(unit).name}: exposure {m[1]}")
@@ -355,85 +386,99 @@ def test_site_yml_over_ssh_deploys_ships_and_is_idempotent() -> None:
         created_user = False
     except KeyError:
         pass
+    try:
+        _deploy_ship_upgrade_uninstall(timings)
+    finally:
+        print("\nroll-out timings (3 namespace hosts over ssh):")
+        for what, secs in timings.items():
+            print(f"  {what:<36} {secs:6.1f} s")
+        # After the fleet is gone (its processes ran as the user), unless it was there before.
+        if created_user:
+            subprocess.run(["userdel", "fdship"], capture_output=True, check=False)
+            subprocess.run(["groupdel", "fdship"], capture_output=True, check=False)
+
+
+def _deploy_ship_upgrade_uninstall(timings: dict[str, float]) -> None:
     with make_fleet(3) as fleet:
-        try:
-            wheelhouse = fleet.base / "wheelhouse"
-            timings["pip wheel"] = _build_wheelhouse(wheelhouse)
-            inv = _write_inventory(fleet, wheelhouse)
+        wheelhouse = fleet.base / "wheelhouse"
+        timings["pip wheel"] = _build_wheelhouse(wheelhouse)
+        inv = _write_inventory(fleet, wheelhouse)
 
-            recap, timings["site.yml, first run"], _ = _playbook(fleet, inv, "site.yml")
-            assert all(r["failed"] == 0 and r["unreachable"] == 0 for r in recap.values())
-            assert all(r["changed"] > 0 for r in recap.values()), recap
-            _check_install(fleet)
-            _verify_units(fleet)
+        recap, timings["site.yml, first run"], _ = _playbook(fleet, inv, "site.yml")
+        assert all(r["failed"] == 0 and r["unreachable"] == 0 for r in recap.values())
+        assert all(r["changed"] > 0 for r in recap.values()), recap
+        _check_install(fleet)
+        _verify_units(fleet)
 
-            recap, timings["site.yml, second run"], out = _playbook(fleet, inv, "site.yml")
-            changed = {h: r["changed"] for h, r in recap.items()}
-            assert changed == {h.name: 0 for h in fleet.hosts}, \
-                f"second run changed something: {changed}\n" + "\n".join(_changed_tasks(out))
+        recap, timings["site.yml, second run"], out = _playbook(fleet, inv, "site.yml")
+        changed = {h: r["changed"] for h, r in recap.items()}
+        assert changed == {h.name: 0 for h in fleet.hosts}, \
+            f"second run changed something: {changed}\n" + "\n".join(_changed_tasks(out))
 
-            # ---- run the product from the installed units ------------------------------
-            token = fleet.hosts[0].path("/etc/fdship/token").read_text().strip()
-            procs = _start_services(fleet)
-            timings["all daemons alive"] = _wait_all_alive(fleet, token, procs)
-            # The roles' own wait tasks (the ones upgrade.yml relies on) see them too.
-            recap, timings["site.yml --tags service (waits)"], _ = _playbook(
-                fleet, inv, "site.yml", "--tags", "service",
-                "-e", "fdship_center_wait_alive=true", "-e", "fdship_daemon_wait_alive=true")
-            assert all(r["changed"] == 0 for r in recap.values()), recap
+        # ---- run the product from the installed units ------------------------------
+        token = fleet.hosts[0].path("/etc/fdship/token").read_text().strip()
+        procs = _start_services(fleet)
+        timings["all daemons alive"] = _wait_all_alive(fleet, token, procs)
+        # A newer release, rolled out by upgrade.yml in batches of two daemons, each
+        # batch waiting until the center lists it alive (the roles' own wait tasks;
+        # without systemd the running processes are not restarted).
+        old_version = _installed_version(fleet.hosts[0])
+        newer = fleet.base / "wheelhouse-newer"
+        _build_wheelhouse(newer, "+rollouttest", deps_from=wheelhouse)
+        recap, timings["upgrade.yml (batches of 2)"], out = _playbook(
+            fleet, inv, "upgrade.yml", "-e", f"fdship_common_wheelhouse_local={newer}",
+            "-e", "fdship_upgrade_batch=2",
+            "-e", "fdship_center_wait_alive=true", "-e", "fdship_daemon_wait_alive=true")
+        assert all(r["changed"] > 0 for r in recap.values()), recap
+        assert out.count("Wait until the center lists this daemon alive") == 2  # 2 batches
+        for h in fleet.hosts:
+            assert _installed_version(h) == old_version + "+rollouttest"
 
-            outgoing = fleet.base / "outgoing"
-            outgoing.mkdir(mode=0o755)
-            payload = outgoing / "model.bin"
-            data = os.urandom(3 * CHUNK + 12345)  # several chunks and a short last one
-            payload.write_bytes(data)
-            payload.chmod(0o644)
-            h0 = fleet.hosts[0]
-            t0 = time.monotonic()
-            sub = h0.host.run([str(h0.path("/opt/fdship/venv/bin/fdship")), "submit",
-                               "--daemon", f"http://{h0.addr}:7071", "--to", "@bidder",
-                               "--dest", "/srv/bidder/models", "--notify", "reload",
-                               "--token-file", str(h0.path("/etc/fdship/token")),
-                               str(payload)], check=False, timeout=180)
-            timings["fdship submit"] = time.monotonic() - t0
-            assert sub.returncode == 0, f"fdship submit failed ({sub.returncode}):\n" \
-                                        f"{sub.stdout}\n{sub.stderr}"
-            for h in fleet.hosts[1:]:
-                landed = h.path("/srv/bidder/models/model.bin")
-                assert landed.is_file(), f"nothing landed on {h.name}"
-                assert hashlib.sha256(landed.read_bytes()).digest() == \
-                    hashlib.sha256(data).digest()
-            assert not h0.path("/srv/bidder/models/model.bin").exists()
-            # The hook ran on both bidders (it may finish just after the job).
-            marks = [h.path("/srv/bidder/models/.reloaded") for h in fleet.hosts[1:]]
-            deadline = time.monotonic() + 30
-            while not all(m.exists() for m in marks) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert all(m.exists() for m in marks), "the reload hook did not run everywhere"
+        outgoing = fleet.base / "outgoing"
+        outgoing.mkdir(mode=0o755)
+        payload = outgoing / "model.bin"
+        data = os.urandom(3 * CHUNK + 12345)  # several chunks and a short last one
+        payload.write_bytes(data)
+        payload.chmod(0o644)
+        h0 = fleet.hosts[0]
+        t0 = time.monotonic()
+        sub = h0.host.run([str(h0.path("/opt/fdship/venv/bin/fdship")), "submit",
+                           "--daemon", f"http://{h0.addr}:7071", "--to", "@bidder",
+                           "--dest", "/srv/bidder/models", "--notify", "reload",
+                           "--token-file", str(h0.path("/etc/fdship/token")),
+                           str(payload)], check=False, timeout=180, cwd="/")
+        timings["fdship submit"] = time.monotonic() - t0
+        assert sub.returncode == 0, f"fdship submit failed ({sub.returncode}):\n" \
+                                    f"{sub.stdout}\n{sub.stderr}"
+        for h in fleet.hosts[1:]:
+            landed = h.path("/srv/bidder/models/model.bin")
+            assert landed.is_file(), f"nothing landed on {h.name}"
+            assert hashlib.sha256(landed.read_bytes()).digest() == \
+                hashlib.sha256(data).digest()
+        assert not h0.path("/srv/bidder/models/model.bin").exists()
+        # The hook ran on both bidders (it may finish just after the job).
+        marks = [h.path("/srv/bidder/models/.reloaded") for h in fleet.hosts[1:]]
+        deadline = time.monotonic() + 30
+        while not all(m.exists() for m in marks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert all(m.exists() for m in marks), "the reload hook did not run everywhere"
 
-            codes = _stop_services(fleet, procs)
-            assert codes == {name: 0 for name in procs}, \
-                f"a service did not stop cleanly on SIGTERM: {codes}"
-            _check_syscalls(procs)
+        codes = _stop_services(fleet, procs)
+        assert codes == {name: 0 for name in procs}, \
+            f"a service did not stop cleanly on SIGTERM: {codes}"
+        _check_syscalls(procs)
 
-            # ---- uninstall --------------------------------------------------------------
-            recap, timings["uninstall.yml"], _ = _playbook(fleet, inv, "uninstall.yml")
-            for h in fleet.hosts:
-                for gone in ("/opt/fdship", "/etc/fdship", "/var/lib/fdship/center",
-                             "/var/lib/fdship/daemon",
-                             "/etc/systemd/system/fdship-daemon.service",
-                             "/etc/systemd/system/fdship-daemon.service.d",
-                             "/etc/systemd/system/fdship-center.service"):
-                    assert not h.path(gone).exists(), f"uninstall left {gone} on {h.name}"
-            assert not (fleet.base / "home").exists()
-            with pytest.raises(KeyError):
-                pwd.getpwnam("fdship")
-            # Delivered files are the services' own: they stay.
-            assert fleet.hosts[1].path("/srv/bidder/models/model.bin").read_bytes() == data
-        finally:
-            print("\nroll-out timings (3 namespace hosts over ssh):")
-            for what, secs in timings.items():
-                print(f"  {what:<36} {secs:6.1f} s")
-            if created_user:
-                subprocess.run(["userdel", "fdship"], capture_output=True)
-                subprocess.run(["groupdel", "fdship"], capture_output=True)
+        # ---- uninstall --------------------------------------------------------------
+        recap, timings["uninstall.yml"], _ = _playbook(fleet, inv, "uninstall.yml")
+        for h in fleet.hosts:
+            for gone in ("/opt/fdship", "/etc/fdship", "/var/lib/fdship/center",
+                         "/var/lib/fdship/daemon",
+                         "/etc/systemd/system/fdship-daemon.service",
+                         "/etc/systemd/system/fdship-daemon.service.d",
+                         "/etc/systemd/system/fdship-center.service"):
+                assert not h.path(gone).exists(), f"uninstall left {gone} on {h.name}"
+        assert not (fleet.base / "home").exists()
+        with pytest.raises(KeyError):
+            pwd.getpwnam("fdship")
+        # Delivered files are the services' own: they stay.
+        assert fleet.hosts[1].path("/srv/bidder/models/model.bin").read_bytes() == data

@@ -1,0 +1,142 @@
+"""Fast checks of the roll-out files that need no hosts: units, playbooks, Vagrantfile, lint.
+
+Where it sits: beside test_deploy.py (the slow end-to-end run); these catch a
+broken unit, playbook or inventory in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.ansible.conftest import ensure_commands, read_unit
+
+REPO = Path(__file__).resolve().parents[2]
+ANSIBLE_DIR = REPO / "ansible"
+UNITS = ["fdship-center.service", "fdship-daemon.service"]
+PLAYBOOKS = ["site.yml", "center.yml", "daemons.yml", "upgrade.yml", "uninstall.yml"]
+
+
+def _bin(name: str) -> str:
+    path = Path(sys.executable).parent / name
+    assert path.exists(), f"{name} is missing: pip install -e '.[test]'"
+    return str(path)
+
+
+def _ansible_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ANSIBLE_")}
+    env.update(ANSIBLE_HOME=str(tmp_path / "ansible-home"), LC_ALL="C.UTF-8", LANG="C.UTF-8",
+               ANSIBLE_NOCOLOR="1")
+    return env
+
+
+def _unit_root(tmp_path: Path, with_executable: bool = True) -> Path:
+    """A root file system holding the units, systemd's own units and the venv's fdship."""
+    root = tmp_path / "root"
+    (root / "etc/systemd/system").mkdir(parents=True)
+    for u in UNITS:
+        shutil.copy(REPO / "systemd" / u, root / "etc/systemd/system" / u)
+    shutil.copytree("/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    if with_executable:
+        exe = root / "opt/fdship/venv/bin/fdship"
+        exe.parent.mkdir(parents=True)
+        exe.write_text("#!/bin/sh\nexit 0\n")
+        exe.chmod(0o755)
+    return root
+
+
+def _verify(root: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["systemd-analyze", "verify", "--man=no", f"--root={root}",
+                           *[f"/etc/systemd/system/{u}" for u in UNITS]],
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    ensure_commands({"systemd-analyze": "systemd"})
+    proc = _verify(_unit_root(tmp_path))
+    assert proc.returncode == 0 and "fdship" not in proc.stderr, proc.stderr
+
+
+def test_verify_catches_a_unit_whose_executable_is_missing(tmp_path: Path) -> None:
+    ensure_commands({"systemd-analyze": "systemd"})
+    proc = _verify(_unit_root(tmp_path, with_executable=False))
+    assert proc.returncode != 0
+    assert "/opt/fdship/venv/bin/fdship" in proc.stderr
+
+
+def test_units_are_static_and_hardened() -> None:
+    for name in UNITS:
+        unit = read_unit(REPO / "systemd" / name)
+        role = name.split("-")[1].split(".")[0]
+        one = {k: v[-1] for k, v in unit.items()}
+        assert one["ExecStart"] == (f"/opt/fdship/venv/bin/fdship {role} "
+                                    f"--config /etc/fdship/{role}.toml")
+        assert one["User"] == one["Group"] == "fdship"
+        assert one["StateDirectory"] == f"fdship/{role}"
+        for key, value in {
+            "NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
+            "PrivateTmp": "yes", "PrivateDevices": "yes", "ProtectKernelTunables": "yes",
+            "ProtectKernelModules": "yes", "ProtectKernelLogs": "yes",
+            "ProtectControlGroups": "yes", "LockPersonality": "yes",
+            "MemoryDenyWriteExecute": "yes", "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
+            "CapabilityBoundingSet": "", "Restart": "on-failure", "KillSignal": "SIGTERM",
+            "TimeoutStopSec": "30", "LimitNOFILE": "65536",
+        }.items():
+            assert one.get(key) == value, f"{name}: {key}={one.get(key)!r}, want {value!r}"
+        assert unit["SystemCallFilter"][0] == "@system-service"
+
+
+@pytest.mark.parametrize("inventory", ["production", "vagrant"])
+def test_playbooks_pass_syntax_check(tmp_path: Path, inventory: str) -> None:
+    proc = subprocess.run([_bin("ansible-playbook"), "--syntax-check", "-i",
+                           f"inventories/{inventory}", *PLAYBOOKS], cwd=ANSIBLE_DIR,
+                          env=_ansible_env(tmp_path), capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("inventory", ["production", "vagrant"])
+def test_inventories_share_group_names_and_set_destinations(tmp_path: Path,
+                                                           inventory: str) -> None:
+    proc = subprocess.run([_bin("ansible-inventory"), "-i", f"inventories/{inventory}", "--list"],
+                          cwd=ANSIBLE_DIR, env=_ansible_env(tmp_path), capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    inv = json.loads(proc.stdout)
+    assert len(inv["fdship_center"]["hosts"]) == 1
+    assert {"bidder", "builder"} <= set(inv["fdship_daemons"]["children"])
+    for host, hv in inv["_meta"]["hostvars"].items():
+        if host in inv["fdship_center"]["hosts"]:
+            continue
+        assert hv["fdship_daemon_allow_dest"], f"{host} has no allowed destination"
+
+
+def test_vagrantfile_validates(tmp_path: Path) -> None:
+    ensure_commands({"vagrant": "vagrant"})
+    # In a copy: validate writes .vagrant/ next to the Vagrantfile.
+    shutil.copy(REPO / "Vagrantfile", tmp_path / "Vagrantfile")
+    shutil.copytree(ANSIBLE_DIR, tmp_path / "ansible")
+    env = dict(os.environ, VAGRANT_HOME=str(tmp_path / "vagrant-home"),
+               VAGRANT_CHECKPOINT_DISABLE="1")
+    proc = subprocess.run(["vagrant", "validate", "--ignore-provider"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0 and "validated successfully" in proc.stdout, \
+        proc.stdout + proc.stderr
+
+
+def test_ansible_lint_production_profile(tmp_path: Path) -> None:
+    lint = Path(sys.executable).parent / "ansible-lint"
+    if not lint.exists():
+        pytest.skip("ansible-lint is not installed: pip install ansible-lint")
+    env = _ansible_env(tmp_path)
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    proc = subprocess.run([str(lint), "--profile", "production", "--offline", "--nocolor"],
+                          cwd=ANSIBLE_DIR, env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
