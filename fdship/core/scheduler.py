@@ -48,6 +48,7 @@ import heapq
 
 from fdship.core import placement
 from fdship.core.actions import Action, AssignFetch, Commit, JobEnded, Pack
+from fdship.core.schedules import Schedules
 from fdship.core.events import (CallbackDelivered, ChunksLost, ChunkStored, CommandUndelivered,
                                 Event, FetchFailed, FilePacked, HookFinished, HostRegistered,
                                 HostReported, JobsExpired, JobSubmitted, MachineFailed,
@@ -109,7 +110,7 @@ class Tunables:
     # every chunk is out (the end game).
     source_extra: float = 0.1
     # Waiting targets a volunteering peer looks at.
-    serve_sample: int = 16
+    serve_sample: int = 12
 
 
 @dataclass
@@ -244,12 +245,16 @@ class Scheduler:
         self.dirty_jobs: set[str] = set()
         self.dirty_hosts: set[str] = set()
         self.weights = placement.DEFAULT_WEIGHTS
+        # Recurring pushes: their own events, and a look at every other one.
+        self.schedules = Schedules(self)
 
     # ------------------------------------------------------------------ dispatch
 
     def handle(self, event: Event, now: float) -> list[Action]:
-        method = getattr(self, "_on_" + type(event).__name__)
-        return method(event, now)  # type: ignore[no-any-return]
+        method = getattr(self, "_on_" + type(event).__name__, None)
+        if method is None:  # a schedule's own event
+            return self.schedules.handle(event, now)
+        return self.schedules.after(event, method(event, now), now)
 
     # ------------------------------------------------------------------ admission
 
@@ -299,9 +304,12 @@ class Scheduler:
             reason = self._space_problem(self.hosts[n], req.files) if n != req.source else None
             if reason:
                 failed.append((n, reason))
+        if req.schedule:
+            self.schedules.check_tag(req.schedule)
         return JobSubmitted(job=job_id, source=req.source, files=req.files,
                             targets=tuple(targets), chunk_size=req.chunk_size,
-                            callback=req.callback, notify=req.notify, failed=tuple(failed))
+                            callback=req.callback, notify=req.notify, failed=tuple(failed),
+                            schedule=req.schedule)
 
     def resolve(self, entry: str) -> list[str]:
         """Names of the daemons a job's machine entry designates."""
@@ -748,11 +756,15 @@ class Scheduler:
         agg_up = rate * max(1, peer.uploads) if peer is not None else 0.0
         agg_down = rate * max(1, t.downloads) if t is not None else 0.0
         self.ref_rate = max(0.999 * self.ref_rate, agg_up, agg_down)
-        up_share = peer.up_rate / max(1, peer.uploads) if peer is not None else 0.0
-        down_share = t.down_rate / max(1, t.downloads) if t is not None else 0.0
-        if peer is not None and (agg_up >= 0.8 * self.ref_rate or down_share >= 1.5 * rate):
+        # A pair that had nothing else running is the clean case: the rate is
+        # the slower end's.  (Concurrency during a transfer is not known, only
+        # at its end, so shared transfers only ever show an end to be fast.)
+        alone = peer is not None and t is not None and peer.uploads == 1 and t.downloads == 1
+        if peer is not None and (agg_up >= 0.8 * self.ref_rate or
+                                 (alone and t.down_rate >= 1.5 * rate)):
             peer.up_rate = max(agg_up, 0.95 * peer.up_rate)
-        if t is not None and (agg_down >= 0.8 * self.ref_rate or up_share >= 1.5 * rate):
+        if t is not None and (agg_down >= 0.8 * self.ref_rate or
+                              (alone and peer.up_rate >= 1.5 * rate)):  # type: ignore[union-attr]
             t.down_rate = max(agg_down, 0.95 * t.down_rate)
 
     def _slow(self, t: HostState) -> bool:
@@ -989,7 +1001,7 @@ class Scheduler:
         seen: list[str] = []
         drop: list[str] = []
         for name in job.hungry:
-            if len(out) >= sample or len(seen) + len(drop) >= 4 * sample:
+            if len(out) >= sample or len(seen) + len(drop) >= 2 * sample:
                 break
             m = job.machines.get(name)
             t = self.hosts.get(name)
@@ -1149,20 +1161,42 @@ class Scheduler:
         hosts = self.hosts
         hs = job.holders[g]
         free = self.free_up
-        # Look only where a free slot can be: the free uploaders that hold the
-        # chunk, or a sample of the holders when those are fewer to look at.
-        if len(free) <= len(hs):
-            names: Iterable[str] = [n for n in free if n in hs]
-        elif len(hs) <= 2 * placement.SAMPLE:
-            names = hs
+        # Look only where a free slot can be, at a bounded cost: the free
+        # uploaders that hold the chunk when either list is short, else random
+        # holders probed for a free slot (with thousands of both, a dozen found
+        # this way rank as well as all of them would).
+        if len(free) <= SCAN and len(free) <= len(hs):
+            names: list[str] = []
+            for n in free:
+                if n in hs:
+                    names.append(n)
+                    if len(names) >= placement.SAMPLE:
+                        break
+        elif len(hs) <= SCAN:
+            names = [n for n in hs if n in free]
         else:
-            names = self.rng.sample(job.holder_list[g], 2 * placement.SAMPLE)
+            lst, rnd = job.holder_list[g], self.rng.random
+            found: dict[str, None] = {}
+            for _ in range(4 * placement.SAMPLE):
+                n = lst[int(rnd() * len(lst))]
+                if n in free:
+                    found[n] = None
+                    if len(found) >= placement.SAMPLE // 2:
+                        break
+            names = list(found)
         holders = [hosts[n] for n in names if n in hosts]
         avoid = m.avoid
         exclude = m.last_failed_peer.get(g, "")
         cands = placement.filter_peers(holders, m.name, avoid, exclude, free=free)
         t = hosts[m.name]
-        cands = [h for h in cands if h.bad_serves < 3 and self._worth(job, m, t, h)]
+        cands = [h for h in cands if h.bad_serves < 3]
+        worth = [h for h in cands if self._worth(job, m, t, h)]
+        # Waiting for a fast holder makes sense only while one exists; when every
+        # live holder is slow (or rates measured across a restart say so), a
+        # slow copy beats a chunk that is never assigned.
+        if worth or any(n != m.name and n in hosts and hosts[n].alive
+                        and self._worth(job, m, t, hosts[n]) for n in hs):
+            cands = worth
         if cands and any(not placement.volunteers(h, self.fleet_cpu) for h in cands):
             # Keep work off busy hosts: one serves only when no idle host holds
             # the chunk at all (busy or not right now), so nothing stalls on it.
@@ -1227,10 +1261,11 @@ class Scheduler:
                        "callback_state": dict(job.callback_state), "machines": ms}
         hosts = {n: {"address": h.address, "labels": list(h.labels), "boot_id": h.boot_id}
                  for n, h in sorted(self.hosts.items())}
-        return {"jobs": jobs, "hosts": hosts}
+        return {"jobs": jobs, "hosts": hosts, "schedules": self.schedules.snapshot()}
 
     def restore(self, snap: dict[str, Any]) -> None:
         """Load a checkpoint written by ``snapshot()`` (soft state starts empty)."""
+        self.schedules.restore(snap.get("schedules", {}))
         self.hosts.clear()
         self.jobs.clear()
         self.running.clear()
@@ -1272,6 +1307,8 @@ class Scheduler:
                 self.running.pop(jid, None)
 
 
+# Free uploaders or holders walked through to find a peer before sampling instead.
+SCAN = 256
 # A counterpart slower than this fraction of a link makes a transfer count as
 # that fraction of the link.
 SLOWER = 0.4
