@@ -36,9 +36,15 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.cluster.swarm import (LinkSampler, NetnsSwarm, generate, parallel_rsync,  # noqa: E402
-                                 same_bytes, start_sshd)
-from tests.netns import netns_unavailable_reason  # noqa: E402
+from tests.cluster.swarm import (
+    LinkSampler,
+    NetnsSwarm,
+    generate,
+    parallel_rsync,
+    same_bytes,
+    start_sshd,
+)
+from tests.netns import netns_unavailable_reason
 
 MiB = 1024 * 1024
 
@@ -171,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(fmt(median_row(bruns)))
     print()
     print(HEADER)
-    for r in rows:
-        print(r)
+    for line in rows:
+        print(line)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(every, f, indent=1)

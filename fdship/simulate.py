@@ -36,9 +36,11 @@ from fdship.errors import ConfigError
 from fdship.protocol import chunk_count
 from fdship.testing import SimCluster, fake_file
 
-# One hop between center and daemon or between daemons, in seconds: about what
-# a LAN round trip plus a daemon's ack batching (5 ms, split over two hops) cost.
-DEFAULT_LATENCY = 0.002
+# One hop between center and daemon or between daemons, in seconds.  A chunk
+# costs three (ack, pull, GET): 15 ms, about the 16-19 ms per chunk measured
+# between one source and one target on the namespace network of
+# docs/benchmarks.md (ack batching, the center's fsync, two HTTP requests).
+DEFAULT_LATENCY = 0.005
 SLOW_FACTOR = 0.25
 MAX_HOSTS = 100_000
 

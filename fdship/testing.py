@@ -38,11 +38,17 @@ from typing import Any
 import xxhash
 
 from fdship.core.actions import Action, AssignFetch, Commit, JobEnded, Pack
-from fdship.core.events import (ChunkStored, Event, FetchFailed, FilePacked, HookFinished,
-                                HostReported, Tick)
+from fdship.core.events import (
+    ChunkStored,
+    Event,
+    FetchFailed,
+    FilePacked,
+    HookFinished,
+    HostReported,
+    Tick,
+)
 from fdship.core.scheduler import Scheduler, Tunables
-from fdship.protocol import (FAIL_CONNECT, FileSpec, Heartbeat, JobRequest, Load,
-                             chunk_count)
+from fdship.protocol import FAIL_CONNECT, FileSpec, Heartbeat, JobRequest, Load, chunk_count
 
 
 class FakeClock:
@@ -119,13 +125,13 @@ def waterfill(capacity: float, demands: list[float]) -> list[float]:
     n = len(demands)
     if n == 1:
         d = demands[0]
-        return [d if d < capacity else capacity]
+        return [min(capacity, d)]
     out = [0.0] * n
     left, k = capacity, n
     for i in sorted(range(n), key=demands.__getitem__):
         share = left / k
         d = demands[i]
-        a = d if d < share else share
+        a = min(share, d)
         out[i] = a
         left -= a
         k -= 1
@@ -407,8 +413,7 @@ class SimCluster:
             if at > deadline:
                 break
             _, _, kind, payload = heapq.heappop(q)
-            if at > self.clock.now:
-                self.clock.now = at
+            self.clock.now = max(self.clock.now, at)
             if kind == _DONE:
                 tr, version = payload
                 if tr.version == version:

@@ -28,8 +28,9 @@ Pure: no I/O, no clock; randomness comes from the caller's seeded generator.
 from __future__ import annotations
 
 import random
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Container, Iterable, Protocol, Sequence
+from typing import Protocol, TypeVar
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,9 @@ class PeerView(Protocol):
     up_load: float
 
 
+P = TypeVar("P", bound=PeerView)
+
+
 def busyness(h: PeerView, fleet_cpu: float = 0.0) -> float:
     """0 (idle, or no busier than the fleet) .. 1 (CPU pegged well beyond the fleet)."""
     floor = max(BUSY_CPU, fleet_cpu + BUSY_MARGIN)
@@ -105,8 +109,8 @@ def volunteers(h: PeerView, fleet_cpu: float = 0.0) -> bool:
     return busyness(h, fleet_cpu) < 0.5
 
 
-def filter_peers(holders: Iterable[PeerView], target: str, avoid: dict[str, int],
-                 exclude: str = "", free: Container[str] | None = None) -> list[PeerView]:
+def filter_peers(holders: Iterable[P], target: str, avoid: dict[str, int],
+                 exclude: str = "", free: Container[str] | None = None) -> list[P]:
     """Hard rules.  ``avoid`` maps peer name to failures serving this target;
     ``free`` holds the names of hosts with room for one more upload (None:
     those below their own cap on concurrent uploads)."""
@@ -143,9 +147,9 @@ def score(h: PeerView, *, is_source: bool, failures: int, rng: random.Random,
             + w.jitter * rng.random())
 
 
-def rank(candidates: Sequence[PeerView], *, source: str, avoid: dict[str, int],
+def rank(candidates: Sequence[P], *, source: str, avoid: dict[str, int],
          rng: random.Random, w: Weights = DEFAULT_WEIGHTS,
-         fleet_cpu: float = 0.0) -> PeerView | None:
+         fleet_cpu: float = 0.0) -> P | None:
     """The best candidate, or None."""
     if not candidates:
         return None

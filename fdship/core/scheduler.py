@@ -38,13 +38,12 @@ rebuilt from heartbeats within seconds.
 
 from __future__ import annotations
 
+import heapq
 import random
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable
-
-import heapq
 
 from fdship.core import placement
 from fdship.core.actions import Action, AssignFetch, Commit, JobEnded, Pack
@@ -649,9 +648,9 @@ class Scheduler:
         # Targets whose backoff ended, then a bounded sweep of those still waiting.
         while self.wakeups and self.wakeups[0][0] <= now:
             _, jid, name = heapq.heappop(self.wakeups)
-            job = self.running.get(jid)
-            if job is not None and name in job.machines:
-                actions += self._try(job, job.machines[name], now, full=True)
+            woken = self.running.get(jid)
+            if woken is not None and name in woken.machines:
+                actions += self._try(woken, woken.machines[name], now, full=True)
         actions += self._feed_hungry(now)
         expired = tuple(j.id for j in self.jobs.values()
                         if j.finished is not None and now - j.finished > self.t.retention)
@@ -726,10 +725,10 @@ class Scheduler:
         m.have.add(g)
         f = job.where[g][0]
         m.file_have[f] += 1
-        if m.name != job.source:  # the source serves only as the peer of last resort
-            if m.name not in job.holders[g]:
-                job.holders[g].add(m.name)
-                job.holder_list[g].append(m.name)
+        # The source serves only as the peer of last resort.
+        if m.name != job.source and m.name not in job.holders[g]:
+            job.holders[g].add(m.name)
+            job.holder_list[g].append(m.name)
         m.bytes_done += job.chunk_size_of(g)
         if count_bytes:
             m.history.append((now, m.bytes_done))
@@ -760,11 +759,13 @@ class Scheduler:
         # the slower end's.  (Concurrency during a transfer is not known, only
         # at its end, so shared transfers only ever show an end to be fast.)
         alone = peer is not None and t is not None and peer.uploads == 1 and t.downloads == 1
+        down_known = t.down_rate if t is not None else 0.0
+        up_known = peer.up_rate if peer is not None else 0.0
         if peer is not None and (agg_up >= 0.8 * self.ref_rate or
-                                 (alone and t.down_rate >= 1.5 * rate)):
+                                 (alone and down_known >= 1.5 * rate)):
             peer.up_rate = max(agg_up, 0.95 * peer.up_rate)
         if t is not None and (agg_down >= 0.8 * self.ref_rate or
-                              (alone and peer.up_rate >= 1.5 * rate)):  # type: ignore[union-attr]
+                              (alone and up_known >= 1.5 * rate)):
             t.down_rate = max(agg_down, 0.95 * t.down_rate)
 
     def _slow(self, t: HostState) -> bool:

@@ -34,8 +34,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Self
 
 from tests.netns import Cluster, Host
 
@@ -145,7 +146,7 @@ class NetnsSwarm:
 
     # ---- life cycle ----------------------------------------------------------------
 
-    def __enter__(self) -> NetnsSwarm:
+    def __enter__(self) -> Self:
         try:
             self.start()
         except BaseException:

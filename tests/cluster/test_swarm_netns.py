@@ -64,11 +64,10 @@ def test_teardown_leaves_no_namespace_or_process_even_after_a_failure() -> None:
 
     pids: list[int] = []
     names: list[str] = []
-    with pytest.raises(RuntimeError, match="boom"):
-        with NetnsSwarm(2, RATE_MBIT, prefix="fcf") as sw:
-            pids = [p.pid for p in sw.daemons] + [sw.center.pid]  # type: ignore[union-attr]
-            names = [h.ns for h in sw.hosts]
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), NetnsSwarm(2, RATE_MBIT, prefix="fcf") as sw:
+        pids = [p.pid for p in sw.daemons] + [sw.center.pid]  # type: ignore[union-attr]
+        names = [h.ns for h in sw.hosts]
+        raise RuntimeError("boom")
     assert not set(names) & set(_netns_names())
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}") or _zombie(pid)

@@ -178,7 +178,7 @@ def test_busy_host_still_serves_what_only_it_holds():
         out += assignments(run(s, beat("h2"), T0 + t)) + assignments(run(s, beat("h3"), T0 + t))
     for m in ("h2", "h3"):
         job = s.jobs["j1"]
-        out += assignments(s._try(job, job.machines[m], T0 + 1.3, full=True))  # noqa: SLF001
+        out += assignments(s._try(job, job.machines[m], T0 + 1.3, full=True))
     assert ("h2", 0, "h1") in out or ("h3", 0, "h1") in out, out
 
 

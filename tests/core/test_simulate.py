@@ -99,7 +99,7 @@ def test_no_chunk_is_fetched_from_a_peer_lacking_it_with_failures_and_small_chun
 def test_targets_do_not_idle_long_between_chunks() -> None:
     """The slot gap (a chunk done -> the next one's first byte) is measured, and a
     target waits about one round trip, not a tick, for its next chunk on average."""
-    sim, job = ship(30, 16 * CS, seed=2)
+    sim, _ = ship(30, 16 * CS, seed=2)
     summ = sim.summary()
     print(f"mean gap between chunks {summ['mean_slot_gap'] * 1000:.1f} ms, mean idle "
           f"{summ['mean_idle_seconds']:.2f} s per target")
