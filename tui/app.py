@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 from textual import work
 from textual.app import App, ScreenStackError
 from textual.binding import Binding, BindingType
+from textual.css.query import NoMatches
 from textual.message import Message
 from textual.reactive import reactive
 
@@ -48,6 +49,7 @@ from tui.source import (
     Update,
 )
 from tui.view import Changes, ClusterView
+from tui.widgets import StatusLine
 
 DEFAULT_CENTER = "http://127.0.0.1:7070"
 
@@ -193,12 +195,12 @@ class MonitorApp(App[None]):
             screen = self.screen
         except ScreenStackError:
             return None
-        return screen if isinstance(screen, MonitorScreen) else None
+        return screen if isinstance(screen, MonitorScreen) and screen.ready else None
 
     def _flush_changes(self) -> None:
         self._redraw_scheduled = False
         screen = self._front()
-        if screen is None or not screen.is_mounted:
+        if screen is None:
             # Between screens: keep the changes; the next screen draws on resume.
             return
         changes, self._pending = self._pending, Changes()
@@ -209,9 +211,12 @@ class MonitorApp(App[None]):
         self._update_status()
 
     def _redraw(self, screen: MonitorScreen) -> None:
-        if not screen.is_mounted:
+        try:
+            screen.redraw(self.view, self.clock(), self.failures_only)
+        except NoMatches:
+            # A timer fired while the screen was being torn down (quitting, or
+            # popped): its widgets are gone and there is nothing left to draw.
             return
-        screen.redraw(self.view, self.clock(), self.failures_only)
         self._last_redraw = time.perf_counter()
         self.redraws += 1
         self.drawn = self.applied
@@ -226,8 +231,6 @@ class MonitorApp(App[None]):
         self._update_status()
 
     def _update_status(self) -> None:
-        from tui.widgets import StatusLine
-
         left = None
         if self.status.state == RECONNECTING and self.status.retry_in is not None:
             left = self.status.retry_in - (self.clock() - self.status_at)
@@ -251,13 +254,10 @@ class MonitorApp(App[None]):
     # -- actions ------------------------------------------------------------------------
 
     def open_job(self, job_id: str) -> None:
+        # Shown at once from what we already hold (machine events fill a job's
+        # table even before it is opened); the full table is fetched behind it.
         self.push_screen(JobScreen(job_id))
-        if not self.view.has_detail(job_id):
-            self.load_job(job_id)
-        else:
-            # Shown at once from what we hold; refreshed in full behind it.
-            self.call_later(self.redraw_now)
-            self.load_job(job_id)
+        self.load_job(job_id)
 
     def action_show_jobs(self) -> None:
         if self.current_mode != "jobs":

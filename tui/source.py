@@ -305,7 +305,7 @@ class HTTPSource:
             resp = await AsyncHTTPClient().fetch(req, raise_error=False)
         except (OSError, HTTPClientError) as e:
             raise Unavailable(f"cannot reach the center at {self.center}: {e}") from None
-        if resp.code == 599 or resp.error is not None and resp.code >= 599:
+        if resp.code == 599:  # Tornado's code for "no HTTP answer at all"
             raise Unavailable(f"cannot reach the center at {self.center}: {resp.error}")
         body = resp.body or b""
         if resp.code != 200:
@@ -499,9 +499,7 @@ class HTTPSource:
                             break
                         batch.append(nxt)
                     yield item if len(batch) == 1 else Batch(batch)
-            except Unauthorized as e:
-                error = e.message
-            except FdshipError as e:
+            except FdshipError as e:  # Unavailable, Unauthorized, ProtocolError, ...
                 error = e.message
             finally:
                 if pump is not None:

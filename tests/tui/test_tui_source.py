@@ -381,8 +381,7 @@ def test_http_source_reads_close_delimited_stream() -> None:
         async def raw(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             head = await reader.readuntil(b"\r\n\r\n")
             if b"/center/events" not in head:
-                # Forward the GETs to the fake center with a plain proxy-less redirect
-                # would be overkill: answer them from its data directly.
+                # The snapshot GETs: answered from the fake center's data.
                 import json
                 path = head.split(b" ")[1].decode()
                 body = (json.dumps({"jobs": list(c.jobs.values()), "next": None})

@@ -32,6 +32,18 @@ def style_of(severity: str) -> str:
 class MonitorScreen(Screen[None]):
     """Base of the three screens."""
 
+    #: True once mounted with its widgets: the app draws only into ready screens.
+    ready = False
+
+    def _on_mount(self) -> None:
+        # Mount arrives after the composed children are mounted, so the widgets
+        # redraw() queries exist from here on.
+        self.ready = True
+        self.monitor.redraw_now()
+
+    def _on_unmount(self) -> None:
+        self.ready = False  # popped, or the app is quitting: its widgets are going
+
     def compose_header(self) -> Header:
         return Header(show_clock=False, icon="⇶")
 

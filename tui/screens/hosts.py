@@ -7,7 +7,7 @@ so a host that stopped moving bytes mid-job is visible at a glance.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from rich.text import Text
 from textual.app import ComposeResult
@@ -33,6 +33,11 @@ COLUMNS = [
 
 class HostsScreen(MonitorScreen):
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "app.show_jobs", "Back", show=False)]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._rows: dict[str, HostRow] = {}
+        self._hosts: dict[str, dict[str, Any]] = {}
 
     def compose(self) -> ComposeResult:
         yield self.compose_header()
@@ -70,9 +75,9 @@ class HostsScreen(MonitorScreen):
 
     def _show_detail(self, key: str | None) -> None:
         panel = self.query_one("#host-detail", Panel)
-        row: HostRow | None = getattr(self, "_rows", {}).get(key) if key else None
+        row = self._rows.get(key) if key else None
         if row is None:
-            panel.show("no hosts reported yet" if not getattr(self, "_rows", None) else "")
+            panel.show("" if self._rows else "no hosts reported yet")
             return
         text = Text()
         text.append(row.name, style="bold")

@@ -36,6 +36,7 @@ class JobScreen(MonitorScreen):
         super().__init__()
         self.job_id = job_id
         self.loading_error = ""
+        self._rows: dict[str, MachineRow] = {}
 
     def compose(self) -> ComposeResult:
         yield self.compose_header()
@@ -83,7 +84,7 @@ class JobScreen(MonitorScreen):
 
     def _show_detail(self, key: str | None, view: ClusterView) -> None:
         panel = self.query_one("#machine-detail", Panel)
-        row: MachineRow | None = getattr(self, "_rows", {}).get(key) if key else None
+        row = self._rows.get(key) if key else None
         if row is None:
             if self.loading_error:
                 panel.show(Text(self.loading_error, style="bold red"))
