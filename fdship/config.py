@@ -127,6 +127,9 @@ class CenterConfig:
                              _int)
     fetch_timeout: float = _opt(120.0, "an assigned fetch with no answer this long is retried",
                                 parse_duration)
+    callback_attempts: int = _opt(8, "deliveries of a job's result to its callback URL before "
+                                  "it is recorded as failed (backoff 0.5 s doubling, capped "
+                                  "at 60 s)", _int)
     checkpoint_interval: float = _opt(30.0, "seconds between checkpoints", parse_duration)
     checkpoint_records: int = _opt(50_000, "also checkpoint after this many log records", _int)
     retention: float = _opt(7 * 86400.0, "how long finished jobs stay queryable", parse_duration)
@@ -151,7 +154,7 @@ class CenterConfig:
         validate_transport(self)
         if not 4096 <= self.chunk_size <= 1024**3:
             raise ConfigError("chunk_size must be between 4K and 1G")
-        for name in ("max_uploads", "max_downloads", "max_attempts"):
+        for name in ("max_uploads", "max_downloads", "max_attempts", "callback_attempts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if self.heartbeat_timeout <= 0 or self.grace_period < 0:

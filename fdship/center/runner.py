@@ -350,10 +350,11 @@ class Runner:
         if job is not None and job.callback:
             self._spawn(self._deliver_callback(a.job))
 
-    async def _deliver_callback(self, job_id: str, max_attempts: int = 8) -> None:
+    async def _deliver_callback(self, job_id: str) -> None:
         """POST the job result to its callback URL, retrying with backoff."""
         err = ""
         attempt = 0
+        max_attempts = self.cfg.callback_attempts
         for attempt in range(1, max_attempts + 1):
             job = self.sched.jobs.get(job_id)
             if job is None:
@@ -367,7 +368,9 @@ class Runner:
                 err = str(e)
                 log.warning("job=%s callback attempt %d to %s failed: %s", job_id, attempt,
                             job.callback, err)
-                await asyncio.sleep(min(60.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random()))
+                if attempt < max_attempts:  # no pointless wait after the last one
+                    await asyncio.sleep(min(60.0, 0.5 * 2 ** (attempt - 1)) *
+                                        (0.5 + random.random()))
         else:
             ok = False
         try:
