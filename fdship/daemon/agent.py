@@ -148,6 +148,10 @@ class Daemon:
         self.serve_stats = ServeStats()
         self.center = CenterClient(cfg.center, token)
         self.hooks = HookRunner(cfg.hooks)
+        # Hooks run once per job: a pack for the hook repeated by a restarted
+        # center re-sends the recorded outcome instead of running it again.
+        self.hook_runs: dict[str, asyncio.Task[Any]] = {}
+        self.hook_results: dict[str, P.Fin] = {}
         self.chunk_size: int | None = None
         self.want_inventory = True
         self.last_beat_ok = 0.0
@@ -227,7 +231,7 @@ class Daemon:
                       bytes_received=self.pool.stats.bytes_received)
         return P.Heartbeat(name=self.name, address=self.cfg.advertise, boot_id=self.boot_id,
                            labels=tuple(self.cfg.label), load=load, free=self._free(),
-                           allow_dest=tuple(self.allow_dest_view), hooks=tuple(self.cfg.hooks),
+                           allow_dest=tuple(self.allow_dest_view), hooks=self.hooks.names(),
                            max_uploads=self.cfg.max_uploads, max_downloads=self.cfg.max_downloads,
                            version=__version__,
                            inventory=tuple(self.store.inventory()) if self.want_inventory else None)
@@ -413,7 +417,13 @@ class Daemon:
 
     def pack(self, req: P.PackRequest) -> None:
         if req.notify and not req.file.dest:
-            self.spawn(self._run_hook(req))
+            if req.job in self.hook_runs:
+                return  # running: its outcome will be reported
+            done = self.hook_results.get(req.job)
+            if done is not None:
+                self.spawn(self.send_fin(done))
+                return
+            self.hook_runs[req.job] = self.spawn(self._run_hook(req))
             return
         key = (req.job, req.file.file)
         if key in self.packs:
@@ -464,10 +474,17 @@ class Daemon:
                 src = self.store.source(req.job, i)
                 if src is not None:
                     files.append(src.path)
-        res = await self.hooks.run(req.notify, req.job, files)
+        try:
+            res = await self.hooks.run(req.notify, req.job, files)
+        finally:
+            self.hook_runs.pop(req.job, None)
         log.info("job=%s hook %s: %s", req.job, req.notify, res.summary())
-        await self.send_fin(P.Fin(job=req.job, host=self.name, file=-1, ok=res.ok,
-                                  error="" if res.ok else res.summary(), hook=res.to_json()))
+        fin = P.Fin(job=req.job, host=self.name, file=-1, ok=res.ok,
+                    error="" if res.ok else res.summary(), hook=res.to_json())
+        self.hook_results[req.job] = fin
+        while len(self.hook_results) > 4096:  # bounded: the oldest outcomes go first
+            del self.hook_results[next(iter(self.hook_results))]
+        await self.send_fin(fin)
 
     # ------------------------------------------------------------------ source: api
 
