@@ -26,6 +26,8 @@ CENTER_HEARTBEAT = "/center/heartbeat"
 CENTER_JOBS = "/center/jobs"  # GET list; GET /center/jobs/ID one job
 CENTER_HOSTS = "/center/hosts"
 CENTER_EVENTS = "/center/events"
+# GET list / POST add; GET or DELETE /center/schedules/NAME; GET .../NAME/history
+CENTER_SCHEDULES = "/center/schedules"
 DAEMON_API = "/daemon/api"
 DAEMON_PULL = "/daemon/pull"
 DAEMON_DOWNLOAD = "/daemon/download"
@@ -166,11 +168,12 @@ class JobRequest:
     chunk_size: int
     callback: str = ""
     notify: str = ""
+    schedule: str = ""  # "NAME#RUN" when a schedule's run submits the job
 
     def to_json(self) -> dict[str, Any]:
         return {"source": self.source, "files": [f.to_json() for f in self.files],
                 "machines": list(self.machines), "chunk_size": self.chunk_size,
-                "callback": self.callback, "notify": self.notify}
+                "callback": self.callback, "notify": self.notify, "schedule": self.schedule}
 
     @classmethod
     def from_json(cls, obj: Any) -> JobRequest:
@@ -186,7 +189,8 @@ class JobRequest:
         return cls(source=_get(d, "source", str, "job"), files=files,
                    machines=tuple(_strs(d, "machines", "job")), chunk_size=cs,
                    callback=_get(d, "callback", str, "job", ""),
-                   notify=_get(d, "notify", str, "job", ""))
+                   notify=_get(d, "notify", str, "job", ""),
+                   schedule=_get(d, "schedule", str, "job", ""))
 
 
 # --- submission (outside interface, CONTRACT) ------------------------------------
@@ -203,11 +207,17 @@ class ApiRequest:
     notify: str = ""
     # False: answer 202 {"job": ID} at once without a callback (`fdship submit --no-wait`).
     wait: bool = True
+    # Path -> xxh3 of the last shipped version: when every file still hashes to
+    # it, answer 200 {"skipped": true, "reason": ...} and create no job
+    # (a schedule's run whose files did not change).
+    skip_if_unchanged: Mapping[str, str] = field(default_factory=dict)
+    schedule: str = ""  # "NAME#RUN": set by the center for a schedule's run
 
     def to_json(self) -> dict[str, Any]:
         return {"files": list(self.files), "machines": list(self.machines),
                 "callback": self.callback, "dest": self.dest, "notify": self.notify,
-                "wait": self.wait}
+                "wait": self.wait, "skip_if_unchanged": dict(self.skip_if_unchanged),
+                "schedule": self.schedule}
 
     @classmethod
     def from_json(cls, obj: Any) -> ApiRequest:
@@ -219,11 +229,52 @@ class ApiRequest:
         if not machines:
             raise ProtocolError("request: 'machines' is empty: name at least one target "
                                 "machine (a name, an address or @label)")
+        skip = _get(d, "skip_if_unchanged", dict, "request", {})
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in skip.items()):
+            raise ProtocolError("request: 'skip_if_unchanged' must map file paths to xxh3 "
+                                "hex strings")
         return cls(files=tuple(files), machines=tuple(machines),
                    callback=_get(d, "callback", str, "request", ""),
                    dest=_get(d, "dest", str, "request", ""),
                    notify=_get(d, "notify", str, "request", ""),
-                   wait=_get(d, "wait", bool, "request", True))
+                   wait=_get(d, "wait", bool, "request", True),
+                   skip_if_unchanged=dict(skip),
+                   schedule=_get(d, "schedule", str, "request", ""))
+
+
+@dataclass(frozen=True)
+class ScheduleRequest:
+    """POST /center/schedules: ship ``paths`` from ``source`` to ``machines`` on a schedule.
+
+    Exactly one of ``every`` (seconds, or a string like "10m") and ``cron`` (a
+    5- or 6-field expression, UTC) is given; the core validates the values.
+    """
+
+    name: str
+    source: str
+    machines: tuple[str, ...]
+    paths: tuple[str, ...]
+    every: float | str | None = None
+    cron: str = ""
+    dest: str = ""
+    notify: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "source": self.source, "machines": list(self.machines),
+                "files": list(self.paths), "every": self.every, "cron": self.cron,
+                "dest": self.dest, "notify": self.notify}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> ScheduleRequest:
+        d = _obj(obj, "schedule")
+        return cls(name=_get(d, "name", str, "schedule"),
+                   source=_get(d, "source", str, "schedule"),
+                   machines=tuple(_strs(d, "machines", "schedule")),
+                   paths=tuple(_strs(d, "files", "schedule")),
+                   every=_get(d, "every", (int, float, str), "schedule", None),
+                   cron=_get(d, "cron", str, "schedule", ""),
+                   dest=_get(d, "dest", str, "schedule", ""),
+                   notify=_get(d, "notify", str, "schedule", ""))
 
 
 # --- center -> daemon commands ---------------------------------------------------

@@ -71,6 +71,8 @@ class JobSubmitted(Event):
     callback: str = ""
     notify: str = ""
     failed: tuple[tuple[str, str], ...] = ()
+    # "NAME#RUN" when a schedule's run submitted this job (fdship.core.schedules).
+    schedule: str = ""
 
 
 @dataclass(frozen=True)
@@ -220,9 +222,94 @@ class Recovered(Event):
     kind: ClassVar[str] = "RECOVERED"
 
 
+# --- schedules (fdship.core.schedules) ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScheduleAdded(Event):
+    """A schedule was defined: ship ``paths`` from ``source`` to ``machines`` every
+    ``every`` seconds (first run at once) or whenever ``cron`` matches."""
+
+    durable: ClassVar[bool] = True
+    kind: ClassVar[str] = "SCHED_ADD"
+    name: str
+    every: float
+    cron: str
+    source: str
+    machines: tuple[str, ...]
+    paths: tuple[str, ...]
+    dest: str = ""
+    notify: str = ""
+
+
+@dataclass(frozen=True)
+class ScheduleRemoved(Event):
+    durable: ClassVar[bool] = True
+    kind: ClassVar[str] = "SCHED_RM"
+    name: str
+
+
+@dataclass(frozen=True)
+class ScheduleRunStarted(Event):
+    """Run ``run`` of a schedule began for the time ``due``; ``missed`` earlier due
+    times (center downtime) collapse into it."""
+
+    durable: ClassVar[bool] = True
+    kind: ClassVar[str] = "SCHED_RUN"
+    name: str
+    run: int
+    due: float
+    missed: int = 0
+
+
+@dataclass(frozen=True)
+class ScheduleSkipped(Event):
+    """A due run of a schedule did not start, for ``reason``."""
+
+    durable: ClassVar[bool] = True
+    kind: ClassVar[str] = "SCHED_SKIP"
+    name: str
+    due: float
+    reason: str
+    missed: int = 0
+
+
+@dataclass(frozen=True)
+class ScheduleRunEnded(Event):
+    """The outcome of run ``run``: done, failed or skipped (files unchanged).
+
+    A done run records its files' hashes and targets, so the next run can skip
+    unchanged files without moving a byte."""
+
+    durable: ClassVar[bool] = True
+    kind: ClassVar[str] = "SCHED_END"
+    name: str
+    run: int
+    result: str
+    reason: str = ""
+    job: str = ""
+    nbytes: int = 0
+    hashes: tuple[tuple[str, str], ...] = ()
+    targets: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ScheduleStartFailed(Event):
+    """The source daemon did not start a run's job: its files were unchanged
+    (``unchanged``) or it could not (``reason``).  Soft: the core decides."""
+
+    kind: ClassVar[str] = "SCHED_NOSTART"
+    name: str
+    run: int
+    reason: str
+    unchanged: bool = False
+
+
 DURABLE_TYPES: dict[str, type[Event]] = {
     c.kind: c for c in (HostRegistered, JobSubmitted, ChunkStored, ChunksLost, FilePacked,
-                        HookFinished, MachineFailed, CallbackDelivered, JobsExpired)
+                        HookFinished, MachineFailed, CallbackDelivered, JobsExpired,
+                        ScheduleAdded, ScheduleRemoved, ScheduleRunStarted, ScheduleSkipped,
+                        ScheduleRunEnded)
 }
 
 
@@ -236,7 +323,7 @@ def from_record(rec: dict[str, Any]) -> Event:
         v = rec[f.name]
         if f.name == "files":
             v = tuple(FileSpec.from_json(x) for x in v)
-        elif f.name in ("failed", "detail"):
+        elif f.name in ("failed", "detail", "hashes"):
             v = tuple(tuple(x) for x in v)
         elif isinstance(v, list):
             v = tuple(v)
