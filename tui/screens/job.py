@@ -98,7 +98,7 @@ class JobScreen(MonitorScreen):
         text.append(f"  {row.state}", style=style_of(row.severity))
         text.append(f"  {row.chunks} chunks  {row.bytes}  attempts {row.attempts}")
         if row.took != "-":
-            text.append(f"  took {row.took}")
+            text.append(f"  {'failed after' if row.state == 'failed' else 'took'} {row.took}")
         if row.error:
             text.append("\nerror: ", style="bold red")
             text.append(row.error, style="red")

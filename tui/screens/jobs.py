@@ -63,7 +63,7 @@ class JobsScreen(MonitorScreen):
             Cell(r.age),
         ]) for r in rows])
         t = view.totals()
-        what = "failed jobs" if failures else "jobs"
+        what = ("failed job" if failures else "job") + ("" if len(rows) == 1 else "s")
         self.query_one("#summary", Panel).show(
             f"{len(rows)} {what} shown · {t['running']} running · {t['failed']} failed"
             " · enter opens a job")
