@@ -1222,7 +1222,11 @@ class Scheduler:
         if src_ok:
             if job.source_sends[g] < self.t.source_copies or exclude:
                 return src
-            alive_copy = any(hosts[n].alive for n in hs if n in hosts)
+            # A copy counts only where this target may still fetch it: not on a
+            # peer it gave up on, nor on one that served bad data repeatedly
+            # (else a target avoiding the only other holder would wait forever).
+            alive_copy = any(hosts[n].alive and avoid.get(n, 0) < placement.AVOID_AFTER_FAILURES
+                             and hosts[n].bad_serves < 3 for n in hs if n in hosts)
             if not alive_copy and job.inflight_count[g] == 0:
                 return src
         if exclude:
