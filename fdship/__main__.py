@@ -210,6 +210,47 @@ def cmd_hosts(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- schedules
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from fdship.center.schedules import cli
+
+    return asyncio.run(cli(args, _token(args)))
+
+
+def add_schedule_parser(sub: Any) -> None:
+    sc = sub.add_parser("schedule", help="push files on a schedule: add, list, rm, history")
+    ssub = sc.add_subparsers(dest="schedule_cmd", required=True, metavar="ACTION")
+    a = ssub.add_parser("add", help="ship FILE... from a daemon every interval or on a cron "
+                        "expression")
+    a.add_argument("name", help="a name for the schedule (letters, digits, . _ -)")
+    when = a.add_mutually_exclusive_group(required=True)
+    when.add_argument("--every", metavar="INTERVAL",
+                      help="run now and then every INTERVAL: 30s, 10m, 2h, 1d")
+    when.add_argument("--cron", metavar="EXPR",
+                      help='cron expression in UTC, 5 fields or 6 with seconds first, '
+                           'e.g. "*/10 * * * *"')
+    a.add_argument("--from", dest="source", required=True, metavar="SOURCE",
+                   help="the daemon (name or address) the files are on")
+    a.add_argument("--to", action="append", required=True, metavar="MACHINE[,MACHINE...]",
+                   help="targets: names, addresses or @label (repeatable)")
+    a.add_argument("--dest", help="directory on the targets (default: each file's own)")
+    a.add_argument("--notify", help="hook name configured on the target daemons")
+    a.add_argument("files", nargs="+", metavar="FILE", help="absolute paths on the source")
+    ls = ssub.add_parser("list", help="list schedules, their next run and last result")
+    rm = ssub.add_parser("rm", help="remove a schedule (a run in progress finishes)")
+    rm.add_argument("name")
+    hi = ssub.add_parser("history", help="a schedule's runs, newest first")
+    hi.add_argument("name")
+    hi.add_argument("--limit", type=int, default=20)
+    for p in (a, ls, rm, hi):
+        p.add_argument("--center", default=default_center())
+        p.add_argument("--token-file", default="")
+        p.add_argument("--json", action="store_true")
+    sc.set_defaults(fn=cmd_schedule)
+
+
 # ---------------------------------------------------------------------- demo / simulate
 
 
@@ -267,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "job":
             w.add_argument("id")
         w.set_defaults(fn=fn)
+
+    add_schedule_parser(sub)
 
     m = sub.add_parser("demo", help="start a local cluster, ship a file, verify, clean up")
     m.add_argument("--hosts", type=int, default=4)

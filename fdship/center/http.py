@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from fdship import __version__
 from fdship import protocol as P
 from fdship.center.runner import Runner
+from fdship.center.schedules import routes as schedule_routes
 from fdship.config import CenterConfig, parse_hostport, read_token
 from fdship.core import views
 from fdship.core.events import (ChunkStored, FetchFailed, FilePacked, HookFinished, PackFailed)
@@ -243,6 +244,7 @@ def make_app(runner: Runner, token: str, metrics: CenterMetrics) -> tornado.web.
         (P.CENTER_JOBS + r"/([^/]+)", OneJobHandler),
         (P.CENTER_HOSTS, HostsHandler),
         (P.CENTER_EVENTS, EventsHandler),
+        *schedule_routes(),
         (P.METRICS, MetricsHandler),
     ], default_handler_class=NotFoundHandler, fdship_runner=runner, fdship_token=token,
         fdship_metrics=metrics, fdship_registry=metrics.registry, compress_response=False)

@@ -28,12 +28,14 @@ from typing import Any, Awaitable, Callable
 
 from fdship import protocol as P
 from fdship.center.redolog import RedoLog
+from fdship.center.schedules import run_schedule
 from fdship.config import CenterConfig
 from fdship.core import views
 from fdship.core.actions import Action, AssignFetch, Commit, JobEnded, Pack
 from fdship.core.events import (CallbackDelivered, CommandUndelivered, Event, HostReported,
                                 Recovered, Tick, from_record)
 from fdship.core.scheduler import Scheduler, Tunables
+from fdship.core.schedules import RunSchedule
 from fdship.daemon.client import DaemonClient
 from fdship.errors import FdshipError, NotFound
 from fdship.httpclient import call, peer_url
@@ -185,6 +187,15 @@ class Runner:
         await self.inbox.put(_Item("admit", req, fut))
         return str(await fut)
 
+    async def decide(self, make: Callable[[float], Event],
+                     reply: Callable[[], Any] | None = None) -> Any:
+        """Run ``make(now)`` inside the single writer: a pure admission check that
+        raises a 4xx or returns the durable event to log and handle (so two
+        requests can never both pass a check that only one of them may)."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        await self.inbox.put(_Item("make", make, fut, reply))
+        return await fut
+
     async def heartbeat(self, beat: P.Heartbeat) -> P.HeartbeatReply:
         def reply() -> P.HeartbeatReply:
             h = self.sched.hosts.get(beat.name)
@@ -238,6 +249,8 @@ class Runner:
                     if it.kind == "admit":
                         ev = self.sched.admit(it.payload, self.new_job_id(now), now)
                         res: Any = ev.job
+                    elif it.kind == "make":
+                        ev, res = it.payload(now), None
                     else:
                         ev, res = it.payload, None
                     n, acts = self._process(ev, now)
@@ -316,6 +329,8 @@ class Runner:
                 self._spawn(self._send_pack(a))
             elif isinstance(a, JobEnded):
                 self._job_ended(a)
+            elif isinstance(a, RunSchedule):
+                self._spawn(run_schedule(self, a))
 
     async def _send_pull(self, a: AssignFetch) -> None:
         req = P.PullRequest(job=a.job, files=a.files, fetches=a.fetches)

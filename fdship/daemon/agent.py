@@ -26,6 +26,7 @@ import logging
 import os
 import random
 import signal
+import stat
 import time
 import uuid
 from collections import deque
@@ -46,7 +47,7 @@ from fdship.daemon.fetch import FetchError, PeerPool
 from fdship.daemon.hooks import HookRunner
 from fdship.daemon.ratelimit import RateLimiter
 from fdship.daemon.serve import DownloadHandler, ServeStats
-from fdship.daemon.store import Store, free_space
+from fdship.daemon.store import Store, free_space, hash_range
 from fdship.errors import (BadRequest, ConfigError, FdshipError, IntegrityError, LocalIOError,
                            NotFound, Unavailable, Unprocessable)
 from fdship.httpclient import cluster_ssl_context, configure_tls
@@ -524,7 +525,8 @@ class Daemon:
             files = tuple(P.FileSpec(path=s.path, dest=d, size=s.size, xxh3=s.xxh3,
                                      chunks=tuple(s.chunks)) for s, d in zip(snaps, dests, strict=True))
             jreq = P.JobRequest(source=self.name, files=files, machines=req.machines,
-                                chunk_size=chunk_size, callback=req.callback, notify=req.notify)
+                                chunk_size=chunk_size, callback=req.callback, notify=req.notify,
+                                schedule=req.schedule)
             async with self.report_lock:  # no inventory may overtake it (see _heartbeats)
                 job = await self.center.submit(jreq)
         except BaseException:
@@ -536,6 +538,26 @@ class Daemon:
         log.info("job=%s submitted: %d files (%d bytes) to %s", job, len(files),
                  sum(f.size for f in files), ",".join(req.machines))
         return job, jreq
+
+    async def unchanged(self, req: P.ApiRequest) -> str | None:
+        """Why this submission can be skipped (every file still hashes to what
+        ``req.skip_if_unchanged`` says), or None.
+
+        Hashes in place, read-only: an unchanged file costs one read, not a
+        snapshot copy.  Anything odd (a missing file) is left to ``submit``,
+        which refuses it with the usual sentence.
+        """
+        want = req.skip_if_unchanged
+        if not want or set(want) != set(req.files):
+            return None
+        for path in req.files:
+            self.check_source(path)
+        loop = asyncio.get_running_loop()
+        for path in req.files:
+            if await loop.run_in_executor(None, _file_xxh3, path) != want[path]:
+                return None
+        return (f"unchanged: {len(req.files)} file(s) hash as the last shipped version "
+                "did; nothing to ship")
 
     async def wait_result(self, job: str) -> dict[str, Any]:
         """Wait for the job's result, riding through the center's absence."""
@@ -559,6 +581,23 @@ class Daemon:
 # ---------------------------------------------------------------------- handlers
 
 
+def _file_xxh3(path: str) -> str | None:
+    """xxh3-64 of a regular file's bytes (streamed), or None if it cannot be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return hash_range(fd, 0, st.st_size)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 class DaemonHandler(BaseHandler):
     @property
     def daemon(self) -> Daemon:
@@ -568,6 +607,10 @@ class DaemonHandler(BaseHandler):
 class ApiHandler(DaemonHandler):
     async def post(self) -> None:
         req = self.parse(P.ApiRequest.from_json)
+        skip = await self.daemon.unchanged(req)
+        if skip is not None:
+            self.send_json({"skipped": True, "reason": skip})
+            return
         job, _ = await self.daemon.submit(req)
         if req.callback or not req.wait:
             self.send_json({"job": job}, status=202)
