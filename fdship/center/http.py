@@ -209,9 +209,11 @@ class EventsHandler(CenterHandler):
         self.set_header("Content-Type", "text/event-stream")
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Accel-Buffering", "no")
-        if last + 1 < bus.oldest():
-            # The client missed more than we keep: tell it to re-fetch full state.
+        if last + 1 < bus.oldest() or last >= bus.next_id:
+            # The client missed more than we keep, or its id comes from a center
+            # that has since restarted: tell it to re-fetch the full state.
             self.write(f"event: reset\ndata: {{\"oldest\": {bus.oldest()}}}\n\n")
+            last = bus.next_id - 1
         self.write("retry: 1000\n\n")
         await self.flush()
         try:

@@ -86,9 +86,11 @@ class _Item:
 class EventBus:
     """Recent changes for GET /center/events, with ids so clients can resume."""
 
-    def __init__(self, keep: int = 20_000) -> None:
+    def __init__(self, keep: int = 20_000, first_id: int = 1) -> None:
         self.buf: deque[tuple[int, str, dict[str, Any]]] = deque(maxlen=keep)
-        self.next_id = 1
+        # Ids start from the wall clock in milliseconds, so they keep growing across
+        # center restarts and a reconnecting client is never "ahead" of a new center.
+        self.next_id = first_id
         self.cond = asyncio.Condition()
 
     async def publish(self, items: list[tuple[str, dict[str, Any]]]) -> None:
@@ -123,7 +125,7 @@ class Runner:
         self.redo = RedoLog(cfg.data_dir)
         self.inbox: asyncio.Queue[_Item] = asyncio.Queue()
         self.waiters: dict[str, list[asyncio.Future[Any]]] = {}
-        self.bus = EventBus()
+        self.bus = EventBus(first_id=int(clock() * 1000))
         self._tasks: list[asyncio.Task[Any]] = []
         self._bg: set[asyncio.Task[Any]] = set()
         self._last_ckpt = 0.0
