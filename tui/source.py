@@ -292,39 +292,23 @@ class HTTPSource:
             h["Authorization"] = "Bearer " + self.token
         return h
 
-    async def get_json(self, path: str, query: Mapping[str, Any] | None = None) -> Any:
-        """GET a JSON document from the center; errors become fdship errors with sentences."""
-        from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+    def _client(self) -> Any:
+        # The center's typed client (the one every part of fdship uses); imported
+        # here so that importing this module stays free of tornado.
+        from fdship.center.client import CenterClient
 
-        url = self.center + path
-        if query:
-            url += "?" + urlencode(query)
-        req = HTTPRequest(url, headers=self._headers(), connect_timeout=self.connect_timeout,
-                          request_timeout=self.request_timeout, follow_redirects=False)
-        try:
-            resp = await AsyncHTTPClient().fetch(req, raise_error=False)
-        except (OSError, HTTPClientError) as e:
-            raise Unavailable(f"cannot reach the center at {self.center}: {e}") from None
-        if resp.code == 599:  # Tornado's code for "no HTTP answer at all"
-            raise Unavailable(f"cannot reach the center at {self.center}: {resp.error}")
-        body = resp.body or b""
-        if resp.code != 200:
-            raise _http_error(resp.code, body, url)
-        try:
-            return json.loads(body)
-        except ValueError:
-            raise ProtocolError(f"the center sent invalid JSON for {path}") from None
+        return CenterClient(self.center, self.token, timeout=self.request_timeout)
 
     async def job(self, job_id: str) -> dict[str, Any]:
-        doc = await self.get_json(f"{protocol.CENTER_JOBS}/{job_id}")
+        doc = await self._client().job(job_id)
         if not isinstance(doc, dict):
             raise ProtocolError(f"the center's answer for job {job_id} is not a JSON object")
         return doc
 
     async def snapshot(self) -> Snapshot:
-        jobs_doc, hosts_doc = await asyncio.gather(
-            self.get_json(protocol.CENTER_JOBS, {"limit": self.jobs_limit}),
-            self.get_json(protocol.CENTER_HOSTS))
+        client = self._client()
+        jobs_doc, hosts_doc = await asyncio.gather(client.jobs(limit=self.jobs_limit),
+                                                   client.hosts())
         jobs = jobs_doc.get("jobs") if isinstance(jobs_doc, dict) else None
         hosts = hosts_doc.get("hosts") if isinstance(hosts_doc, dict) else None
         if not isinstance(jobs, list) or not isinstance(hosts, list):
