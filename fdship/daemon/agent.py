@@ -157,6 +157,7 @@ class Daemon:
         self.want_inventory = True
         self.last_beat_ok = 0.0
         self.active: dict[tuple[str, int, int], asyncio.Task[Any]] = {}
+        self.active_peer: dict[tuple[str, int, int], str] = {}  # whom each fetch asks
         self.fetch_slots = asyncio.Semaphore(max(1, cfg.max_downloads))
         self.acks: deque[P.Ack] = deque()
         self.ack_event = asyncio.Event()
@@ -373,9 +374,17 @@ class Daemon:
                 self.queue_ack(P.Ack(job=req.job, file=f.file, chunk=f.chunk, peer=f.peer_name,
                                      ok=True, nbytes=0))
                 continue
-            if key in self.active:
-                continue  # already fetching it (the center re-sent after a restart)
+            running = self.active.get(key)
+            if running is not None:
+                if self.active_peer.get(key) == f.peer_name:
+                    continue  # already fetching it (the center re-sent after a restart)
+                # The center moved the chunk to another peer: it gave up on the one
+                # we are waiting for (dead, or hung with the connection open, which
+                # would hold this chunk until the fetch timeout).  Cancelling closes
+                # that connection, so no stale byte reaches the file.
+                running.cancel()
             self.active[key] = asyncio.ensure_future(self._fetch(req.job, f, st))
+            self.active_peer[key] = f.peer_name
             started += 1
         return started
 
@@ -412,7 +421,9 @@ class Daemon:
             self.queue_ack(P.Ack(job=job, file=f.file, chunk=f.chunk, peer=f.peer_name, ok=False,
                                  kind=P.FAIL_LOCAL, error=f"internal error: {e}"))
         finally:
-            self.active.pop(key, None)
+            if self.active.get(key) is asyncio.current_task():  # not a replacement's
+                del self.active[key]
+                self.active_peer.pop(key, None)
 
     # ------------------------------------------------------------------ target: pack
 
