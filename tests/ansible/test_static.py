@@ -140,3 +140,40 @@ def test_ansible_lint_production_profile(tmp_path: Path) -> None:
                           cwd=ANSIBLE_DIR, env=env, capture_output=True, text=True,
                           timeout=600, check=False)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+
+
+_GOOD = {
+    "fdship_common_service_manager": "none",
+    "fdship_common_wheelhouse_local": "",
+    "fdship_common_pip_index_url": "http://127.0.0.1:9/simple",
+    "fdship_daemon_allow_dest": ["/srv/fdship"],
+}
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({}, None),
+    ({"fdship_common_pip_index_url": ""}, "Nothing to install from"),
+    ({"fdship_daemon_allow_dest": []}, "must list at least one absolute directory"),
+    ({"fdship_daemon_hooks": {"both": {"command": ["/bin/true"], "url": "http://x/"}}},
+     "exactly one of command (a list"),
+    ({"fdship_common_service_manager": "systemd"}, "is not run by systemd"),
+    ({"fdship_common_service_manager": "upstart"}, "must be one of: systemd, none"),
+])
+def test_preflight_refuses_bad_settings_with_a_clear_message(
+        tmp_path: Path, change: dict, message: str | None) -> None:
+    """The preflight checks alone (tag always), on this machine over a local connection."""
+    inv = tmp_path / "inventory.json"
+    here = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
+    inv.write_text(json.dumps({"all": {"children": {
+        "fdship_center": {"hosts": {"here": here}},
+        "fdship_daemons": {"hosts": {"here": here}}}}}))
+    extra = _GOOD | change | {"fdship_common_token_local_file": str(tmp_path / "token")}
+    proc = subprocess.run([_bin("ansible-playbook"), "-i", str(inv), "site.yml", "--tags",
+                           "always", "-e", json.dumps(extra)], cwd=ANSIBLE_DIR,
+                          env=_ansible_env(tmp_path), capture_output=True, text=True,
+                          timeout=300, check=False)
+    out = proc.stdout + proc.stderr
+    if message is None:
+        assert proc.returncode == 0, out[-3000:]
+    else:
+        assert proc.returncode != 0 and message in out, out[-3000:]
