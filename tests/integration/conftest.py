@@ -17,10 +17,10 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -109,8 +109,10 @@ class Cluster(LocalCluster):
         while time.monotonic() < deadline:
             if not p.alive():
                 raise RuntimeError(f"{p.name} exited:\n" + p.log()[-3000:])
+            # An answered request, not just an accepted connection: the port is
+            # bound before the center installs its SIGTERM handler.
             try:
-                with socket.create_connection(("127.0.0.1", p.port), timeout=1):
+                with urllib.request.urlopen(p.url + "/metrics", timeout=2):
                     return time.monotonic() - t0
             except OSError:
                 time.sleep(0.02)
@@ -153,14 +155,10 @@ class Cluster(LocalCluster):
     # -- probes --------------------------------------------------------------------
 
     def daemon_metrics(self, i: int) -> dict[str, float]:
-        import urllib.request
-
         with urllib.request.urlopen(self.daemons[i].url + "/metrics", timeout=10) as r:
             return parse_metrics(r.read().decode())
 
     def center_metrics(self) -> dict[str, float]:
-        import urllib.request
-
         with urllib.request.urlopen(self.center.url + "/metrics", timeout=10) as r:
             return parse_metrics(r.read().decode())
 

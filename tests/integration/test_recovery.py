@@ -290,6 +290,7 @@ def test_damaged_redo_log_torn_tail_flipped_byte_garbage_checkpoint(cluster_fact
     p = c.extra_center(edited)
     c.wait_center(proc=p)
     p.kill(signal.SIGTERM)  # a clean stop writes a checkpoint
+    assert p.popen is not None and p.popen.returncode == 0, p.log()
     (ckpt,) = glob.glob(os.path.join(edited, "checkpoint-*.ckpt"))
     with open(ckpt, "rb") as f:
         raw = f.read()
