@@ -33,6 +33,7 @@ DAEMON_PULL = "/daemon/pull"
 DAEMON_DOWNLOAD = "/daemon/download"
 DAEMON_PACK = "/daemon/pack"
 DAEMON_STATUS = "/daemon/status"
+DAEMON_DELTA = "/daemon/delta"  # POST: block hashes and byte ranges of a chunk (delta)
 METRICS = "/metrics"
 
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
@@ -384,13 +385,16 @@ class Ack:
     ok: bool
     kind: str = ""
     error: str = ""
-    nbytes: int = 0
+    nbytes: int = 0  # bytes that crossed the network for this chunk
     seconds: float = 0.0
+    # The chunk was taken from the target's old copy of the file: nothing was
+    # fetched (nbytes 0), so it must not count as the peer's upload.
+    local: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"job": self.job, "file": self.file, "chunk": self.chunk, "peer": self.peer,
                 "ok": self.ok, "kind": self.kind, "error": self.error, "bytes": self.nbytes,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "local": self.local}
 
     @classmethod
     def from_json(cls, obj: Any) -> Ack:
@@ -402,7 +406,8 @@ class Ack:
         return cls(job=_get(d, "job", str, "ack"), file=_nonneg(d, "file", "ack"),
                    chunk=_nonneg(d, "chunk", "ack"), peer=_get(d, "peer", str, "ack", ""),
                    ok=ok, kind=kind, error=_get(d, "error", str, "ack", "")[:2000],
-                   nbytes=_nonneg(d, "bytes", "ack", 0), seconds=_num(d, "seconds", "ack", 0.0))
+                   nbytes=_nonneg(d, "bytes", "ack", 0), seconds=_num(d, "seconds", "ack", 0.0),
+                   local=_get(d, "local", bool, "ack", False))
 
 
 @dataclass(frozen=True)

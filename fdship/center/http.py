@@ -54,6 +54,8 @@ class CenterMetrics:
                                 ["reason"], registry=r)
         self.bytes = Counter("fdship_bytes_delivered_total", "Bytes targets reported stored",
                              registry=r)
+        self.reused = Counter("fdship_chunks_reused_total", "Chunks targets took from their "
+                              "old copy of the file, moving no bytes", registry=r)
         ref = runner_ref
 
         def alive() -> float:
@@ -117,7 +119,9 @@ class AckHandler(CenterHandler):
                 continue
             if a.ok:
                 m.acks.inc()
-                m.bytes.inc(a.nbytes)
+                m.bytes.inc(a.nbytes)  # network bytes only: 0 for a chunk reused locally
+                if a.local:
+                    m.reused.inc()
                 ev: Any = ChunkStored(job=a.job, host=batch.host, file=a.file, chunk=a.chunk,
                                       peer=a.peer, nbytes=a.nbytes)
             else:

@@ -24,7 +24,7 @@ Like Vixie cron, when both day-of-month and day-of-week are restricted (not
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from fdship.errors import BadRequest
 
@@ -42,7 +42,7 @@ _FIELDS = (("second", 0, 59, None), ("minute", 0, 59, None), ("hour", 0, 23, Non
 # How far ahead next_after looks before deciding an expression never matches.
 # 28 years covers every (day, month, weekday) combination the calendar has.
 _HORIZON_DAYS = 28 * 366
-_UTC = timezone.utc
+_UTC = UTC
 
 
 class CronError(BadRequest):

@@ -34,15 +34,26 @@ from __future__ import annotations
 
 import re
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Iterable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from fdship.core import cron as cronlib
 from fdship.core.actions import Action, Commit, JobEnded
-from fdship.core.events import (ChunkStored, Event, JobSubmitted, Recovered, ScheduleAdded,
-                                ScheduleRemoved, ScheduleRunEnded, ScheduleRunStarted,
-                                ScheduleSkipped, ScheduleStartFailed, Tick)
+from fdship.core.events import (
+    ChunkStored,
+    Event,
+    JobSubmitted,
+    Recovered,
+    ScheduleAdded,
+    ScheduleRemoved,
+    ScheduleRunEnded,
+    ScheduleRunStarted,
+    ScheduleSkipped,
+    ScheduleStartFailed,
+    Tick,
+)
 from fdship.errors import BadRequest, Conflict, NotFound, Unprocessable
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -69,11 +80,11 @@ _DUR_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _hms(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%H:%M:%S UTC")
+    return datetime.fromtimestamp(ts, tz=UTC).strftime("%H:%M:%S UTC")
 
 
 def parse_every(value: Any) -> float:

@@ -43,6 +43,7 @@ from fdship import __version__
 from fdship import protocol as P
 from fdship.center.client import CenterClient
 from fdship.config import DaemonConfig, parse_hostport, read_token
+from fdship.daemon.delta import DeltaFetcher, DeltaHandler
 from fdship.daemon.fetch import FetchError, PeerPool
 from fdship.daemon.hooks import HookRunner
 from fdship.daemon.ratelimit import RateLimiter
@@ -132,6 +133,15 @@ class DaemonMetrics:
                                 value=time.monotonic() - d.last_beat_ok if d.last_beat_ok else -1)
         yield CounterMetricFamily("fdship_files_installed", "Files packed into place",
                                   value=d.counters["packed"])
+        ds = d.delta.stats
+        r = CounterMetricFamily("fdship_delta_chunks", "Chunks built from the old copy at the "
+                                "destination", labels=["how"])
+        r.add_metric(["local"], ds.chunks_local)
+        r.add_metric(["patched"], ds.chunks_patched)
+        r.add_metric(["full"], ds.chunks_full)
+        yield r
+        yield CounterMetricFamily("fdship_delta_bytes_reused", "Chunk bytes taken from the old "
+                                  "copy instead of the network", value=ds.bytes_reused)
 
 
 class Daemon:
@@ -147,6 +157,8 @@ class Daemon:
         self.pool = PeerPool(token=token, limiter=self.down_limiter,
                              ssl=cluster_ssl_context() if cfg.tls_cert else None)
         self.serve_stats = ServeStats()
+        # Ship only what changed: chunks the old copy at the destination still holds.
+        self.delta = DeltaFetcher(token=token, limiter=self.down_limiter)
         self.center = CenterClient(cfg.center, token)
         self.hooks = HookRunner(cfg.hooks)
         # Hooks run once per job: a pack for the hook repeated by a restarted
@@ -403,11 +415,19 @@ class Daemon:
         t0 = time.monotonic()
         try:
             async with self.fetch_slots:
-                n = await self.pool.fetch(f.peer, job, f.file, f.chunk, f.size, f.xxh3,
-                                          st.write_fd, f.offset, self.cfg.fetch_timeout)
+                local = False
+                got = await self.delta.fetch(job, f, st.final_path, st.write_fd,
+                                             self.cfg.fetch_timeout)
+                if got is not None and got.ok:
+                    n, local = got.nbytes, got.local
+                else:
+                    n = await self.pool.fetch(f.peer, job, f.file, f.chunk, f.size, f.xxh3,
+                                              st.write_fd, f.offset, self.cfg.fetch_timeout)
+                    n += got.nbytes if got is not None else 0
             st.mark_chunk(f.chunk, f.xxh3)
             self.queue_ack(P.Ack(job=job, file=f.file, chunk=f.chunk, peer=f.peer_name, ok=True,
-                                 nbytes=n, seconds=round(time.monotonic() - t0, 4)))
+                                 nbytes=n, local=local,
+                                 seconds=round(time.monotonic() - t0, 4)))
         except FetchError as e:
             log.info("job=%s chunk %d/%d from %s failed (%s): %s", job, f.file, f.chunk,
                      f.peer_name, e.kind, e)
@@ -663,7 +683,8 @@ class StatusHandler(DaemonHandler):
                         "fetching": len(d.active), "acks_pending": len(d.acks),
                         "bytes_served": d.serve_stats.bytes_served,
                         "bytes_received": d.pool.stats.bytes_received,
-                        "fetch_failures": dict(d.pool.stats.failures), "version": __version__})
+                        "fetch_failures": dict(d.pool.stats.failures),
+                        "delta": d.delta.stats.to_json(), "version": __version__})
 
 
 def make_app(d: Daemon) -> tornado.web.Application:
@@ -674,6 +695,8 @@ def make_app(d: Daemon) -> tornado.web.Application:
         (P.DAEMON_DOWNLOAD, DownloadHandler,
          {"store": d.store, "limiter": d.up_limiter, "stats": d.serve_stats,
           "fault": d.cfg.fault_inject, "write_timeout": d.cfg.write_timeout}),
+        (P.DAEMON_DELTA, DeltaHandler,
+         {"store": d.store, "limiter": d.up_limiter, "stats": d.serve_stats}),
         (P.DAEMON_STATUS, StatusHandler),
         (r"/daemon/jobs/([^/]+)", JobProxyHandler),
         (P.METRICS, MetricsHandler),

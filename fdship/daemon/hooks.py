@@ -28,8 +28,9 @@ import os
 import signal
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from fdship.errors import ConfigError
@@ -146,7 +147,8 @@ class _Tail:
         out = list(self.lines)
         if self.partial:
             out.append(self.partial.decode(errors="replace")[:MAX_LINE])
-        return [line.rstrip("\r") for line in out][-self.lines.maxlen:]  # type: ignore[misc]
+        keep = self.lines.maxlen or STDERR_TAIL_LINES
+        return [line.rstrip("\r") for line in out][-keep:]
 
 
 class HookRunner:
@@ -220,7 +222,7 @@ class HookRunner:
         timed_out = False
         try:
             await asyncio.wait_for(proc.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             timed_out = True
             _killpg(proc.pid)
             await proc.wait()
@@ -231,7 +233,7 @@ class HookRunner:
         secs = time.monotonic() - t0
         try:
             await asyncio.wait_for(asyncio.shield(reader), DRAIN_SECONDS)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             reader.cancel()  # a child kept stderr open; we have what we need
         rc = proc.returncode
         if timed_out:

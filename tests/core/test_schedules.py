@@ -10,19 +10,26 @@ snapshot; the cron parser is tested on its own at the end.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
 from fdship.core import cron
 from fdship.core.actions import Commit
-from fdship.core.events import (ChunkStored, FetchFailed, FilePacked, HostReported, Recovered,
-                                ScheduleRemoved, ScheduleStartFailed, Tick)
-from fdship.core.schedules import RunSchedule, parse_every
+from fdship.core.events import (
+    ChunkStored,
+    FetchFailed,
+    FilePacked,
+    HostReported,
+    Recovered,
+    ScheduleRemoved,
+    ScheduleStartFailed,
+    Tick,
+)
 from fdship.core.scheduler import Scheduler, Tunables
+from fdship.core.schedules import RunSchedule, parse_every
 from fdship.errors import BadRequest, Conflict, NotFound, Unprocessable
-from fdship.protocol import (FAIL_LOCAL, Heartbeat, JobRequest, Load, ScheduleRequest,
-                             chunk_count)
+from fdship.protocol import FAIL_LOCAL, Heartbeat, JobRequest, Load, ScheduleRequest, chunk_count
 from fdship.testing import FakeClock, fake_file
 
 CS = 1024 * 1024
@@ -31,7 +38,7 @@ T0 = T0 - T0 % 60
 
 
 def utc(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class Harness:
@@ -427,7 +434,7 @@ def test_duplicate_names_conflict_and_hooks_are_checked_on_every_target():
 
 
 def nxt(expr: str, when: str) -> str:
-    ts = datetime.fromisoformat(when).replace(tzinfo=timezone.utc).timestamp()
+    ts = datetime.fromisoformat(when).replace(tzinfo=UTC).timestamp()
     return utc(cron.parse(expr).next_after(ts))
 
 

@@ -21,6 +21,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from typing import ClassVar
 
 import pytest
 
@@ -43,9 +44,9 @@ def sha(path: str) -> str:
 class _Recorder(http.server.BaseHTTPRequestHandler):
     """The local service a URL hook calls: records each POST, answers per path."""
 
-    calls: list[tuple[str, dict]] = []
+    calls: ClassVar[list[tuple[str, dict]]] = []
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).calls.append((self.path, body))
         code = 500 if self.path.endswith("/broken") else 200
@@ -203,7 +204,8 @@ def test_timed_out_hook_is_killed_and_fails_the_machine(env):
     assert m["hook"]["timed_out"] is True
     assert 0.9 <= m["hook"]["seconds"] < 10
     assert m["hook"]["stderr_tail"] == ["starting slow reload"]
-    pid = int(open(os.path.join(logs, "slow-d1.pid")).read())
+    with open(os.path.join(logs, "slow-d1.pid")) as f:
+        pid = int(f.read())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # killed, and reaped by the daemon
 
@@ -291,12 +293,12 @@ def test_bad_hook_config_stops_the_daemon_with_a_reason(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fdship", "daemon", "--config", str(cfg),
                         "--listen", f"127.0.0.1:{free_port()}", "--center",
                         "http://127.0.0.1:9", "--data-dir", str(tmp_path / "data")],
-                       capture_output=True, text=True, timeout=30)
+                       capture_output=True, text=True, timeout=30, check=False)
     assert r.returncode == 2
     assert "must be an absolute path" in r.stderr and "reload" in r.stderr
     cfg.write_text('[hooks.web]\nurl = "http://10.1.2.3/reload"\n')
     r = subprocess.run([sys.executable, "-m", "fdship", "daemon", "--config", str(cfg),
                         "--listen", f"127.0.0.1:{free_port()}", "--center",
                         "http://127.0.0.1:9", "--data-dir", str(tmp_path / "data")],
-                       capture_output=True, text=True, timeout=30)
+                       capture_output=True, text=True, timeout=30, check=False)
     assert r.returncode == 2 and "not on this machine" in r.stderr

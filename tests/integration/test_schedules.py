@@ -11,13 +11,15 @@ the runs missed meanwhile collapse into one catch-up run.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import subprocess
 import sys
 import time
 import urllib.error
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -64,7 +66,8 @@ def src(cluster):
 
 def fdship(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "fdship", *args, "--center",
-                           cluster.center.url], capture_output=True, text=True, timeout=60)
+                           cluster.center.url], capture_output=True, text=True, timeout=60,
+                          check=False)
 
 
 def history(cluster: LocalCluster, name: str) -> list[dict[str, Any]]:
@@ -158,13 +161,13 @@ def test_a_run_never_overlaps_the_previous_one(cluster, src):
     assert "previous run 1" in overlap[0]["reason"]
     wait_for("run 1 done", lambda: [e for e in history(cluster, "reloading")
                                     if e["run"] == 1 and e["result"] == "done"])
-    hook = cluster.job([e for e in history(cluster, "reloading") if e["run"] == 1][0]["job"]
-                       )["machines"]["d2"]["hook"]
+    run1 = next(e for e in history(cluster, "reloading") if e["run"] == 1)
+    hook = cluster.job(run1["job"])["machines"]["d2"]["hook"]
     assert hook["exit_status"] == 0 and hook["seconds"] >= 2.9
     runs = [e for e in history(cluster, "reloading") if e["run"] is not None]
     cluster.request("DELETE", cluster.center.url + "/center/schedules/reloading")
     spans = sorted((e["start"], e["end"]) for e in runs)
-    for (_, e1), (s2, _) in zip(spans, spans[1:]):
+    for (_, e1), (s2, _) in itertools.pairwise(spans):
         assert e1 <= s2, spans
 
 
@@ -204,8 +207,11 @@ def test_cron_with_a_seconds_field_runs_on_its_seconds(cluster, src):
     cluster.request("POST", cluster.center.url + "/center/schedules",
                     {"name": "even", "cron": "*/2 * * * * *", "source": "d0",
                      "machines": ["d1"], "files": [path]})
-    runs = wait_for("two runs", lambda: (lambda h: h if len(h) >= 2 else None)(
-        [e for e in history(cluster, "even") if e["run"] is not None]))
+    def two_runs() -> list[dict[str, Any]] | None:
+        h = [e for e in history(cluster, "even") if e["run"] is not None]
+        return h if len(h) >= 2 else None
+
+    runs = wait_for("two runs", two_runs)
     for e in runs:
         assert int(e["due"][17:19]) % 2 == 0, e
     cluster.request("DELETE", cluster.center.url + "/center/schedules/even")
