@@ -117,6 +117,7 @@ def test_inventories_share_group_names_and_set_destinations(tmp_path: Path,
         assert hv["fdship_daemon_allow_dest"], f"{host} has no allowed destination"
 
 
+@pytest.mark.timeout(900)  # may first apt-get install vagrant (with Ruby)
 def test_vagrantfile_validates(tmp_path: Path) -> None:
     ensure_commands({"vagrant": "vagrant"})
     # In a copy: validate writes .vagrant/ next to the Vagrantfile.
