@@ -141,7 +141,7 @@ def run_simulation(args: argparse.Namespace) -> int:
     if r["slow_hosts"]:
         print(f"  slow targets           max {r['slow_max_ratio']:.3f} x their own bound")
     print(f"  source egress          {r['source_egress_ratio']:.3f} x file size "
-          f"(at most {r['max_source_sends']} copies of a chunk)")
+          f"(at most {r['max_source_sends']} of any chunk)")
     print(f"  center CPU for the job {r['center_cpu_s']:.3f} s over {r['events']} events "
           f"({r['transfers']} transfers)")
     print(f"  target wait per chunk  {r['mean_slot_gap_s'] * 1000:.1f} ms mean; "

@@ -39,8 +39,9 @@ rebuilt from heartbeats within seconds.
 from __future__ import annotations
 
 import heapq
+import itertools
 import random
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable
@@ -203,7 +204,9 @@ class Job:
     source_sends: list[int] = field(default_factory=list)
     source_ok: bool = True
     # Targets with a free download slot that could not be given work (FIFO).
-    hungry: dict[str, None] = field(default_factory=dict)
+    # An OrderedDict, not a dict: entries move to the back all the time, and a
+    # plain dict's iteration would wade through the holes they leave behind.
+    hungry: OrderedDict[str, None] = field(default_factory=OrderedDict)
     # Chunks the source has not sent yet, in the order it will offer them.
     unsent: dict[int, None] = field(default_factory=dict)
     source_extra_left: int = 0
@@ -879,15 +882,14 @@ class Scheduler:
         for job in [only] if only is not None else list(self.running.values()):
             if not self.free_up:
                 break  # nobody could serve them
-            for name in list(job.hungry)[:self.t.hungry_tries]:
+            for name in list(itertools.islice(job.hungry, self.t.hungry_tries)):
                 m = job.machines.get(name)
                 if m is None:
                     job.hungry.pop(name, None)
                     continue
                 actions += self._try(job, m, now, full=True)
                 if name in job.hungry:  # move to the back: fairness among waiters
-                    del job.hungry[name]
-                    job.hungry[name] = None
+                    job.hungry.move_to_end(name)
         return actions
 
     def _packs(self, job: Job, m: Machine, t: HostState) -> list[Action]:
@@ -1016,8 +1018,7 @@ class Scheduler:
         for name in drop:
             del job.hungry[name]
         for name in seen:
-            del job.hungry[name]
-            job.hungry[name] = None
+            job.hungry.move_to_end(name)
         return out
 
     def _requeue(self, job: Job, m: Machine, t: HostState) -> None:
@@ -1195,8 +1196,8 @@ class Scheduler:
         # Waiting for a fast holder makes sense only while one exists; when every
         # live holder is slow (or rates measured across a restart say so), a
         # slow copy beats a chunk that is never assigned.
-        if worth or any(n != m.name and n in hosts and hosts[n].alive
-                        and self._worth(job, m, t, hosts[n]) for n in hs):
+        if worth or not cands or any(n != m.name and n in hosts and hosts[n].alive
+                                     and self._worth(job, m, t, hosts[n]) for n in hs):
             cands = worth
         if cands and any(not placement.volunteers(h, self.fleet_cpu) for h in cands):
             # Keep work off busy hosts: one serves only when no idle host holds
