@@ -12,6 +12,7 @@ and the tests can all use it.  Message bodies are documented in
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence, TypeVar
 
@@ -74,6 +75,19 @@ def _get(d: Mapping[str, Any], key: str, typ: type | tuple[type, ...], what: str
         raise ProtocolError(f"{what}: field '{key}' must be {_tname(typ)}, not a boolean")
     if not isinstance(v, typ):
         raise ProtocolError(f"{what}: field '{key}' must be {_tname(typ)}")
+    if isinstance(v, str):
+        _text(v, what, key)
+    return v
+
+
+def _text(v: str, what: str, key: str) -> str:
+    # JSON lets "\ud800" through; Python keeps it as a lone surrogate, which no
+    # file name, log line or UTF-8 answer can hold.
+    if not v.isascii():
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ProtocolError(f"{what}: field '{key}' is not valid Unicode text") from None
     return v
 
 
@@ -94,6 +108,10 @@ def _nonneg(d: Mapping[str, Any], key: str, what: str, default: Any = ...) -> in
 
 def _num(d: Mapping[str, Any], key: str, what: str, default: Any = ...) -> float:
     v = _get(d, key, (int, float), what, default)
+    # float(10**400) overflows, and NaN or infinity would poison every sum and
+    # comparison the scheduler makes with it.
+    if isinstance(v, int) and not -2**62 <= v <= 2**62 or not math.isfinite(v):
+        raise ProtocolError(f"{what}: field '{key}' must be a finite number")
     return float(v)
 
 
@@ -102,6 +120,7 @@ def _strs(d: Mapping[str, Any], key: str, what: str, default: Any = ...) -> list
     for item in v:
         if not isinstance(item, str):
             raise ProtocolError(f"{what}: every entry of '{key}' must be a string")
+        _text(item, what, key)
     return list(v)
 
 
@@ -553,7 +572,7 @@ class Heartbeat:
         d = _obj(obj, "heartbeat")
         free = _get(d, "free", dict, "heartbeat", {})
         if not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
-                   for k, v in free.items()):
+                   and 0 <= v <= 2**62 for k, v in free.items()):
             raise ProtocolError("heartbeat: 'free' must map directories to byte counts")
         inv = d.get("inventory")
         if inv is not None and not isinstance(inv, list):
