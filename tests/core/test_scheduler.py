@@ -136,8 +136,9 @@ def test_first_copies_come_from_source_once_per_chunk_and_caps_hold():
     assert all(peer == "h0" for *_, peer in fs)
     chunks = [(f, c) for _, f, c, _ in fs]
     assert len(chunks) == len(set(chunks)), "the source was asked for the same chunk twice"
-    assert len(fs) == 4  # the source's upload cap
-    assert s.hosts["h0"].uploads == 4
+    # The source paces its first copies by its link budget, never above its upload cap.
+    assert 1 <= len(fs) <= 4
+    assert s.hosts["h0"].uploads == len(fs) <= s.hosts["h0"].max_uploads
 
 
 def test_rarest_first_and_peer_to_peer_after_first_copy():
