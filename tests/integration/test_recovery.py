@@ -25,6 +25,8 @@ import threading
 import time
 from typing import Any
 
+import pytest
+
 MiB = 1024 * 1024
 CHUNK = 256 * 1024
 TARGETS = ["d1", "d2", "d3"]
@@ -60,6 +62,7 @@ def stuck_report(c: Any, jid: str) -> str:
     return "\n".join(out)
 
 
+@pytest.mark.slow  # about 1-1.5 min: 20 kills; runs in CI too
 def test_center_kill9_at_random_moments_loses_nothing(cluster_factory, tmp_path):
     """>= 20 SIGKILLs of the center while jobs run: all done, identical, no refetch."""
     rng = random.Random(int(os.environ.get("FDSHIP_KILL_SEED", "20261122")))
