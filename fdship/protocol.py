@@ -384,6 +384,10 @@ class PackRequest:
     @classmethod
     def from_json(cls, obj: Any) -> PackRequest:
         d = _obj(obj, "pack")
+        # The target walks the job's files for the notify hook: a count beyond any
+        # job (max_files) must not keep it busy.
+        if _nonneg(d, "files_total", "pack", 1) > 1_000_000:
+            raise ProtocolError("pack: field 'files_total' must be at most 1000000")
         return cls(job=_get(d, "job", str, "pack"), file=StagedFile.from_json(d.get("file")),
                    chunk_size=_nonneg(d, "chunk_size", "pack"),
                    notify=_get(d, "notify", str, "pack", ""), last=_get(d, "last", bool, "pack", False),

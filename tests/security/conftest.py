@@ -226,6 +226,18 @@ class SecCluster(LocalCluster):
             ends.append(start + os.path.getsize(path))
         return max(ends, default=0)
 
+    def quiesce(self, quiet: float = 1.5, timeout: float = 30.0) -> None:
+        """Wait until the REDO log has not grown for ``quiet`` seconds (a restarted
+        daemon's registration, a job's last records) so a baseline stays a baseline."""
+        deadline = time.monotonic() + timeout
+        end, since = self.redo_end(), time.monotonic()
+        while time.monotonic() - since < quiet:
+            assert time.monotonic() < deadline, "the REDO log never stopped growing"
+            time.sleep(0.1)
+            now = self.redo_end()
+            if now != end:
+                end, since = now, time.monotonic()
+
     def state(self, conn: Raw | None = None) -> dict[str, Any]:
         """The center's jobs (full results) and hosts, without what moves on its own."""
         raw = conn or Raw(self, self.center.port)
@@ -307,6 +319,9 @@ class Raw:
                 self.close()
                 if attempt:
                     raise
+            except BaseException:
+                self.close()  # a timeout leaves the connection mid-request
+                raise
         raise AssertionError("unreachable")
 
     def json(self, method: str, target: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
@@ -460,6 +475,7 @@ class Fuzzer:
         self.center_raw = Raw(c, c.center.port)
         self.state_raw = Raw(c, c.center.port)
         self.raws: dict[int, Raw] = {}
+        c.quiesce()
         self.baseline = c.state(self.state_raw)
         self.lsn = c.redo_end()
 
@@ -697,9 +713,12 @@ def bodies(draw: Any, template: Any, weird: dict[str, Any] | None = None) -> tup
 @st.composite
 def queries(draw: Any, params: dict[str, Any]) -> str:
     """A query string: the endpoint's own parameters with weird values, unknown ones, junk."""
-    kind = draw(st.sampled_from(["params", "params", "params", "junk", "none"]))
+    kind = draw(st.sampled_from(["good", "params", "params", "params", "junk", "none"]))
     if kind == "none":
         return ""
+    if kind == "good":  # a valid query: the answer may be 200, and must be right
+        return "?" + "&".join(f"{quote(k)}={quote(str(draw(v)), safe='')}"
+                              for k, v in params.items())
     if kind == "junk":
         return "?" + quote(draw(st.text(max_size=60)), safe="=&%;+")
     pairs = []
