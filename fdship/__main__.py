@@ -90,6 +90,9 @@ def summarize(res: dict[str, Any]) -> str:
     for name, m in sorted(res.get("machines", {}).items()):
         secs = f" in {m['seconds']:.1f} s" if m.get("seconds") is not None else ""
         err = f": {m['error']}" if m.get("error") else ""
+        hook = m.get("hook") or {}
+        if hook.get("ok"):  # a failed hook already speaks through the error
+            err += f" (hook {hook.get('name')} ok in {hook.get('seconds', 0):.2f} s)"
         lines.append(f"  {name:<24} {m['state']}{secs}{err}")
     return "\n".join(lines)
 

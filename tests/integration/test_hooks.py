@@ -302,3 +302,18 @@ def test_bad_hook_config_stops_the_daemon_with_a_reason(tmp_path):
                         "http://127.0.0.1:9", "--data-dir", str(tmp_path / "data")],
                        capture_output=True, text=True, timeout=30, check=False)
     assert r.returncode == 2 and "not on this machine" in r.stderr
+
+
+def test_cli_submit_shows_the_hook_outcome(env):
+    c, src, _ = env
+    a = _file(src, "cli.bin", 10_000)
+    r = subprocess.run([sys.executable, "-m", "fdship", "submit", "--daemon", c.daemons[0].url,
+                        "--to", "d1", "--notify", "reload", a],
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    assert "(hook reload ok in" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "fdship", "submit", "--daemon", c.daemons[0].url,
+                        "--to", "d1", "--notify", "broken", a],
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 1  # the job ran, the machine failed: the hook's reason shows
+    assert "hook broken failed: exit status 3" in r.stdout
