@@ -182,7 +182,7 @@ class Daemon:
         self.sampler = LoadSampler()
         self._tasks: list[asyncio.Task[Any]] = []
         self._bg: set[asyncio.Task[Any]] = set()
-        root = os.path.realpath(cfg.root)
+        root = self.root_real = os.path.realpath(cfg.root)
         self.allow_dest_real = [os.path.realpath(d) for d in cfg.allow_dest]
         self.allow_source_real = [os.path.realpath(d) for d in cfg.allow_source]
         # Allowed destinations as (the center's view: a path before --root mapping,
@@ -349,10 +349,21 @@ class Daemon:
     # ------------------------------------------------------------------ target: pull
 
     def check_dest_allowed(self, final: str) -> None:
-        real = os.path.realpath(final)
+        # The directory is resolved, the name is not: the install renames onto the
+        # name, which replaces a symbolic link planted there instead of following it.
+        real = os.path.join(os.path.realpath(os.path.dirname(final)), os.path.basename(final))
         if self.allow_dest_real and not any(_under(real, d) for d in self.allow_dest_real):
             raise LocalIOError(f"destination {final} is not allowed on {self.name}: it resolves "
                                f"to {real}, outside allow_dest ({', '.join(self.cfg.allow_dest)})")
+        # Every destination is written under --root: a symbolic link inside it must
+        # not lead the write elsewhere.
+        if self.root_real != "/" and not _under(real, self.root_real):
+            raise LocalIOError(f"destination {final} is not allowed on {self.name}: it resolves "
+                               f"to {real}, outside the root {self.cfg.root}")
+
+    def source_allowed(self, real: str) -> bool:
+        """Whether a file opened for shipping (by its resolved path) lies under allow_source."""
+        return not self.allow_source_real or any(_under(real, d) for d in self.allow_source_real)
 
     async def pull(self, req: P.PullRequest) -> int:
         loop = asyncio.get_running_loop()
@@ -552,7 +563,7 @@ class Daemon:
         try:
             for path in req.files:
                 snaps.append(await loop.run_in_executor(None, self.store.snapshot, path,
-                                                        chunk_size))
+                                                        chunk_size, self.source_allowed))
             files = tuple(P.FileSpec(path=s.path, dest=d, size=s.size, xxh3=s.xxh3,
                                      chunks=tuple(s.chunks)) for s, d in zip(snaps, dests, strict=True))
             jreq = P.JobRequest(source=self.name, files=files, machines=req.machines,

@@ -41,7 +41,7 @@ import stat
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import xxhash
 
@@ -134,6 +134,14 @@ def _fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fd_path(fd: int) -> str:
+    """The path an open file has now (the kernel's answer, links resolved)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return ""
 
 
 def _close(fd: int | None) -> None:
@@ -450,7 +458,8 @@ class Store:
 
     # --- source side ------------------------------------------------------------------
 
-    def snapshot(self, src_path: str, chunk_size: int) -> Snapshot:
+    def snapshot(self, src_path: str, chunk_size: int,
+                 allowed: Callable[[str], bool] | None = None) -> Snapshot:
         """Copy ``src_path`` into the store, hashing every chunk and the whole (blocking).
 
         One pass over the source through one buffer: the bytes hashed are
@@ -475,6 +484,14 @@ class Store:
         except OSError as e:
             raise BadRequest(f"{src_path}: cannot open it ({e.strerror}); check the path and "
                              "its permissions") from None
+        if allowed is not None:
+            # Checked on what was opened, not on the name: a link swapped in after
+            # the caller's check must not make us ship a file from elsewhere.
+            real = _fd_path(fd)
+            if not allowed(real):
+                os.close(fd)
+                raise BadRequest(f"{src_path} resolves to {real}, outside the directories this "
+                                 "daemon may ship from (allow_source)", status=403)
         key = secrets.token_hex(8)
         copy = os.path.join(self._pending_dir, key + ".data")
         out = -1
