@@ -209,6 +209,8 @@ class Job:
     hungry: OrderedDict[str, None] = field(default_factory=OrderedDict)
     # Chunks the source has not sent yet, in the order it will offer them.
     unsent: dict[int, None] = field(default_factory=dict)
+    # Chunks whose every other copy died with its host: the source sends them again.
+    resend: set[int] = field(default_factory=set)
     source_extra_left: int = 0
     # Per chunk, its holders as a list, to sample from when there are thousands.
     holder_list: list[list[str]] = field(default_factory=list)
@@ -841,6 +843,17 @@ class Scheduler:
                     if peer == h.name:
                         self._release(job, m, g)
                         touched.append((job, m))
+        # Chunks that now exist on no live host but the source: it sends them
+        # again (the targets that need them find them through ``resend``).
+        for job in self.running.values():
+            mh = job.machines.get(h.name)
+            if mh is None:
+                continue
+            for g in mh.have:
+                if job.inflight_count[g] == 0 and not any(
+                        n != h.name and n in self.hosts and self.hosts[n].alive
+                        for n in job.holders[g]):
+                    job.resend.add(g)
         actions: list[Action] = []
         for job, m in touched:
             if not m.ended:
@@ -887,7 +900,7 @@ class Scheduler:
                 if m is None:
                     job.hungry.pop(name, None)
                     continue
-                actions += self._try(job, m, now, full=True)
+                actions += self._try(job, m, now)
                 if name in job.hungry:  # move to the back: fairness among waiters
                     job.hungry.move_to_end(name)
         return actions
@@ -919,9 +932,10 @@ class Scheduler:
 
         Unless ``full``, only chunks some free uploader holds are considered
         when the free uploaders are few (the common case in a busy swarm), so
-        the cost does not grow with the chunks nobody could serve now; the
-        tick's sweep looks at everything (retries from a failed peer, chunks
-        whose every holder died).
+        the cost does not grow with the chunks nobody could serve now.  The
+        paths that concern particular chunks look at every chunk: a retry after
+        a failed fetch (from the failed peer, if nobody else has it), a host
+        that died or came back, chunks a target lost.
         """
         if m.ended or job.state != "running":
             job.hungry.pop(m.name, None)
@@ -946,6 +960,7 @@ class Scheduler:
                 mq = job.machines.get(q)
                 if q == job.source:
                     usable.update(job.unsent)
+                    usable |= job.resend
                 elif q != m.name and mq is not None:
                     usable |= mq.have
             candidates = usable
@@ -1140,6 +1155,7 @@ class Scheduler:
         if peer.name == job.source:
             job.source_sends[g] += 1
             job.unsent.pop(g, None)
+            job.resend.discard(g)
         batch.setdefault((job.id, m.name), []).append(
             Fetch(file=f, chunk=c, offset=off, size=size, xxh3=job.files[f].chunks[c],
                   peer=peer.address, peer_name=peer.name))
