@@ -194,12 +194,12 @@ def server_ssl_context(cert: str, key: str) -> ssl.SSLContext | None:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         ctx.load_cert_chain(cert, key)
+    except ssl.SSLError as e:  # before OSError, of which it is a subclass
+        raise ConfigError(f"tls_cert {cert} and tls_key {key} are not a PEM certificate and "
+                          f"its private key ({e.reason or e}); check both files") from None
     except OSError as e:
         raise ConfigError(f"cannot read tls_cert {cert} or tls_key {key}: {e.strerror}") \
             from None
-    except ssl.SSLError as e:
-        raise ConfigError(f"tls_cert {cert} and tls_key {key} are not a PEM certificate and "
-                          f"its private key ({e.reason or e}); check both files") from None
     return ctx
 
 

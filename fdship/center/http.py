@@ -30,7 +30,8 @@ from fdship.core import views
 from fdship.core.events import (ChunkStored, FetchFailed, FilePacked, HookFinished, PackFailed)
 from fdship.errors import BadRequest, ConfigError, NotFound
 from fdship.httpclient import configure_tls
-from fdship.web import BaseHandler, MetricsHandler, NotFoundHandler, make_server
+from fdship.web import (BaseHandler, MetricsHandler, NotFoundHandler, make_server,
+                        server_ssl_context)
 
 log = logging.getLogger("fdship.center")
 
@@ -260,6 +261,9 @@ async def run_center(cfg: CenterConfig) -> None:
     """Run the center until SIGTERM/SIGINT.  Raises ConfigError when it cannot start."""
     token = read_token(cfg.token_file)
     host, port = parse_hostport(cfg.listen, "listen")
+    # TLS settings are checked before recovery, which may take a while.
+    server_ssl_context(cfg.tls_cert, cfg.tls_key)
+    configure_tls(cfg.tls_ca, peers_https=bool(cfg.tls_cert))
     try:
         os.makedirs(cfg.data_dir, exist_ok=True)
         if not os.access(cfg.data_dir, os.W_OK):
@@ -273,7 +277,6 @@ async def run_center(cfg: CenterConfig) -> None:
     for note in runner.recover():
         log.info("%s", note)
     try:
-        configure_tls(cfg.tls_ca, peers_https=bool(cfg.tls_cert))
         server = make_server(make_app(runner, token, metrics), cfg, token)
         sockets = tornado.netutil.bind_sockets(port, address=host or None)
     except ConfigError:

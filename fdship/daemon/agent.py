@@ -52,7 +52,8 @@ from fdship.daemon.store import Store, free_space, hash_range
 from fdship.errors import (BadRequest, ConfigError, FdshipError, IntegrityError, LocalIOError,
                            NotFound, Unavailable, Unprocessable)
 from fdship.httpclient import cluster_ssl_context, configure_tls
-from fdship.web import BaseHandler, MetricsHandler, NotFoundHandler, make_server
+from fdship.web import (BaseHandler, MetricsHandler, NotFoundHandler, make_server,
+                        server_ssl_context)
 
 log = logging.getLogger("fdship.daemon")
 
@@ -693,6 +694,9 @@ class StatusHandler(DaemonHandler):
                         "registered": d.chunk_size is not None, "jobs": sorted(d.store.jobs()),
                         "fetching": len(d.active), "acks_pending": len(d.acks),
                         "bytes_served": d.serve_stats.bytes_served,
+                        # How chunks went out: sendfile, or buffered (TLS, faults).
+                        "chunks_zero_copy": d.serve_stats.zero_copy,
+                        "chunks_buffered": d.serve_stats.buffered,
                         "bytes_received": d.pool.stats.bytes_received,
                         "fetch_failures": dict(d.pool.stats.failures),
                         "delta": d.delta.stats.to_json(), "version": __version__})
@@ -719,6 +723,7 @@ async def run_daemon(cfg: DaemonConfig) -> None:
     """Run a daemon until SIGTERM/SIGINT.  Raises ConfigError when it cannot start."""
     token = read_token(cfg.token_file)
     host, port = parse_hostport(cfg.listen, "listen")
+    server_ssl_context(cfg.tls_cert, cfg.tls_key)  # refuse bad TLS files before anything
     configure_tls(cfg.tls_ca, peers_https=bool(cfg.tls_cert))
     d = Daemon(cfg, token)
     try:
