@@ -30,6 +30,7 @@ import stat
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -597,7 +598,8 @@ class Daemon:
             self.check_source(path)
         loop = asyncio.get_running_loop()
         for path in req.files:
-            if await loop.run_in_executor(None, _file_xxh3, path) != want[path]:
+            if await loop.run_in_executor(None, _file_xxh3, path,
+                                          self.source_allowed) != want[path]:
                 return None
         return (f"unchanged: {len(req.files)} file(s) hash as the last shipped version "
                 "did; nothing to ship")
@@ -624,13 +626,16 @@ class Daemon:
 # ---------------------------------------------------------------------- handlers
 
 
-def _file_xxh3(path: str) -> str | None:
-    """xxh3-64 of a regular file's bytes (streamed), or None if it cannot be read."""
+def _file_xxh3(path: str, allowed: Callable[[str], bool]) -> str | None:
+    """xxh3-64 of a regular file's bytes (streamed), or None if it cannot be read
+    or what was opened lies outside allow_source (a link swapped in after the check)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
     try:
+        if not allowed(os.readlink(f"/proc/self/fd/{fd}")):
+            return None
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return None
