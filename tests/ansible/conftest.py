@@ -96,6 +96,9 @@ class Fleet:
     hosts: list[SshHost]
     client_key: Path
     known_hosts: Path
+    #: The service user the roles create: one per run, so that parallel runs on one
+    #: machine (one /etc/passwd) never share it.
+    user: str = "fdship"
     started: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def ssh_args(self) -> str:
@@ -161,8 +164,10 @@ def make_fleet(n: int) -> Iterator[Fleet]:
     # pytest's base temp directory is private to root.
     base = Path(tempfile.mkdtemp(prefix="fdship-ansible-"))
     base.chmod(0o755)
+    user = ""
     try:
         with Cluster(n, prefix="fda") as cluster:
+            user = f"fdship-{cluster.run_id}"
             keys = base / "keys"
             keys.mkdir(mode=0o700)
             host_key, client_key = keys / "host_ed25519", keys / "client_ed25519"
@@ -193,8 +198,13 @@ def make_fleet(n: int) -> Iterator[Fleet]:
                     raise AssertionError(f"sshd did not start on {sh.addr}: {err.decode()}") \
                         from None
             yield Fleet(base=base, cluster=cluster, hosts=hosts, client_key=client_key,
-                        known_hosts=known)
+                        known_hosts=known, user=user)
     finally:
+        # The namespaces' processes are gone by now, so the user can go too (if a
+        # failed test left it behind).
+        if user:
+            subprocess.run(["userdel", user], capture_output=True, check=False)
+            subprocess.run(["groupdel", user], capture_output=True, check=False)
         # FDSHIP_TEST_KEEP=1 keeps the directory (ansible logs, service logs) for a look.
         if os.environ.get("FDSHIP_TEST_KEEP") == "1":
             print(f"kept {base}")
@@ -237,9 +247,13 @@ def read_unit(path: Path) -> dict[str, list[str]]:
     return out
 
 
-def service_argv(unit_file: Path, host_root: Path, base: Path,
-                 strace_out: Path | None = None) -> list[str]:
-    """The command that runs ``unit_file``'s ExecStart for a host rooted at ``host_root``."""
+def service_argv(unit_file: Path, host_root: Path, base: Path, strace_out: Path | None = None,
+                 user: str | None = None) -> list[str]:
+    """The command that runs ``unit_file``'s ExecStart for a host rooted at ``host_root``.
+
+    ``user`` stands for the unit's User= and Group= when the roles were told to
+    create another service user (fdship_common_user).
+    """
     unit = read_unit(unit_file)
     exec_start = unit["ExecStart"][-1].split()
     # The unit is static and names real paths; this host keeps them under its root.
@@ -248,7 +262,8 @@ def service_argv(unit_file: Path, host_root: Path, base: Path,
     if not launcher.exists():
         launcher.write_text(_SANDBOX)
         launcher.chmod(0o644)
-    user, group = unit["User"][-1], unit["Group"][-1]
+    group = user or unit["Group"][-1]
+    user = user or unit["User"][-1]
     if unit.get("CapabilityBoundingSet", [None])[-1] != "":
         raise AssertionError("the unit must keep an empty CapabilityBoundingSet=")
     cmd: list[str] = []

@@ -124,6 +124,8 @@ def _write_inventory(fleet: Fleet, wheelhouse: Path) -> Path:
         "fdship_common_service_manager": "none",
         # The hosts share this machine's package database and /etc/passwd.
         "fdship_common_manage_os_packages": False,
+        "fdship_common_user": fleet.user,
+        "fdship_common_group": fleet.user,
         "fdship_common_user_throttle": 1,
         "fdship_common_wheelhouse_local": str(wheelhouse),
         "fdship_common_token_local_file": str(fleet.base / "credentials" / "fdship-token"),
@@ -202,7 +204,7 @@ def _changed_tasks(out: str) -> list[str]:
 def _check_install(fleet: Fleet) -> None:
     """What site.yml left on each host, checked against the inventory."""
     h0 = fleet.hosts[0]
-    user = pwd.getpwnam("fdship")
+    user = pwd.getpwnam(fleet.user)
     for h in fleet.hosts:
         venv_py = h.path("/opt/fdship/venv/bin/python")
         assert h.path("/opt/fdship/venv/bin/fdship").is_file()
@@ -295,7 +297,7 @@ def _start_services(fleet: Fleet) -> dict[str, tuple[SshHost, subprocess.Popen[b
     # strace runs as the service user and writes its summary here.
     traces = fleet.base / "traces"
     traces.mkdir(mode=0o755, exist_ok=True)
-    user = pwd.getpwnam("fdship")
+    user = pwd.getpwnam(fleet.user)
     os.chown(traces, user.pw_uid, user.pw_gid)
     for h in fleet.hosts:
         units = [("daemon", "fdship-daemon.service")]
@@ -304,7 +306,7 @@ def _start_services(fleet: Fleet) -> dict[str, tuple[SshHost, subprocess.Popen[b
         for role, unit in units:
             trace = traces / f"{h.name}-{role}.txt"
             argv = service_argv(h.path(f"/etc/systemd/system/{unit}"), h.root, fleet.base,
-                                strace_out=trace)
+                                strace_out=trace, user=fleet.user)
             log = (fleet.base / f"{h.name}-{role}.log").open("wb")
             procs[f"{h.name}-{role}"] = (h, h.host.popen(
                 argv, cwd="/", stdout=log, stderr=subprocess.STDOUT,
@@ -381,22 +383,12 @@ def _check_syscalls(procs: dict) -> None:
 
 def test_site_yml_over_ssh_deploys_ships_and_is_idempotent() -> None:
     timings: dict[str, float] = {}
-    created_user = True
-    try:
-        pwd.getpwnam("fdship")
-        created_user = False
-    except KeyError:
-        pass
     try:
         _deploy_ship_upgrade_uninstall(timings)
     finally:
         print("\nroll-out timings (3 namespace hosts over ssh):")
         for what, secs in timings.items():
             print(f"  {what:<36} {secs:6.1f} s")
-        # After the fleet is gone (its processes ran as the user), unless it was there before.
-        if created_user:
-            subprocess.run(["userdel", "fdship"], capture_output=True, check=False)
-            subprocess.run(["groupdel", "fdship"], capture_output=True, check=False)
 
 
 def _deploy_ship_upgrade_uninstall(timings: dict[str, float]) -> None:
@@ -480,6 +472,6 @@ def _deploy_ship_upgrade_uninstall(timings: dict[str, float]) -> None:
                 assert not h.path(gone).exists(), f"uninstall left {gone} on {h.name}"
         assert not (fleet.base / "home").exists()
         with pytest.raises(KeyError):
-            pwd.getpwnam("fdship")
+            pwd.getpwnam(fleet.user)
         # Delivered files are the services' own: they stay.
         assert fleet.hosts[1].path("/srv/bidder/models/model.bin").read_bytes() == data
