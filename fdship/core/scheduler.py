@@ -632,7 +632,11 @@ class Scheduler:
         m = job.machines[ev.host]
         for f, c in ev.fetches:
             if f < len(job.files) and c < job.file_chunks(f):
-                self._release(job, m, job.base[f] + c)
+                g = job.base[f] + c
+                self._release(job, m, g)
+                if job.inflight_count[g] == 0 and g not in job.unsent and not any(
+                        n in self.hosts and self.hosts[n].alive for n in job.holders[g]):
+                    job.resend.add(g)  # its one copy on the way never left the source
         if ev.pack_file >= 0:
             m.packing.discard(ev.pack_file)
         if ev.pack_file == -2:
@@ -849,7 +853,11 @@ class Scheduler:
             mh = job.machines.get(h.name)
             if mh is None:
                 continue
-            for g in mh.have:
+            for g in range(job.nchunks):
+                # Its own chunks, and those nobody holds: sent to it (or to a
+                # target whose pull never arrived) and lost on the way.
+                if g not in mh.have and (job.holders[g] or g in job.unsent):
+                    continue
                 if job.inflight_count[g] == 0 and not any(
                         n != h.name and n in self.hosts and self.hosts[n].alive
                         for n in job.holders[g]):
