@@ -211,6 +211,7 @@ class Job:
     unsent: dict[int, None] = field(default_factory=dict)
     # Chunks whose every other copy died with its host: the source sends them again.
     resend: set[int] = field(default_factory=set)
+    stall_check_at: float = 0.0  # when _guard_stalls last looked at this job
     source_extra_left: int = 0
     # Per chunk, its holders as a list, to sample from when there are thousands.
     holder_list: list[list[str]] = field(default_factory=list)
@@ -654,6 +655,9 @@ class Scheduler:
                 actions += self._host_lost(h, now, penalise=False)
         for job in list(self.running.values()):
             actions += self._check_job_deadlines(job, now)
+            if now - job.stall_check_at >= 1.0:
+                job.stall_check_at = now
+                self._guard_stalls(job)
         # Targets whose backoff ended, then a bounded sweep of those still waiting.
         while self.wakeups and self.wakeups[0][0] <= now:
             _, jid, name = heapq.heappop(self.wakeups)
@@ -666,6 +670,25 @@ class Scheduler:
         if expired:
             actions.append(Commit(JobsExpired(jobs=expired)))
         return actions
+
+    def _guard_stalls(self, job: Job) -> None:
+        """The safety net under every path that can lose a chunk.
+
+        A chunk that a live target still lacks, with no live holder, no copy in
+        flight and not queued at the source, would never be offered again: the
+        job would stall for good.  The paths that lose chunks (a host dying, a
+        pull not delivered) put them on ``resend`` as it happens; this sweep,
+        once a second, catches any path that did not.  Cheap: for almost every
+        chunk the first holder looked at is alive.
+        """
+        hosts = self.hosts
+        for g in range(job.nchunks):
+            if (job.inflight_count[g] or g in job.unsent or g in job.resend
+                    or any(n in hosts and hosts[n].alive for n in job.holders[g])):
+                continue
+            if any(not m.ended and g not in m.have and m.name in hosts and hosts[m.name].alive
+                   for m in job.machines.values()):
+                job.resend.add(g)
 
     def _check_job_deadlines(self, job: Job, now: float) -> list[Action]:
         actions: list[Action] = []

@@ -384,3 +384,24 @@ def test_views_follow_contract_shape():
     assert res["machines"]["h2"]["error"].startswith("disk full")
     assert res["machines"]["h1"]["chunks_total"] == 2
     assert res["created"].endswith("Z")
+
+
+def test_a_chunk_lost_without_notice_is_offered_again_within_seconds():
+    """The stall guard: whatever path loses a chunk, the job cannot stall for good."""
+    s = cluster(3)
+    _, actions = submit(s, [fake_file("/a", 2 * CS, CS)], ["h1", "h2"])
+    t, f, c, peer = fetches(actions)[0]
+    assert peer == "h0"
+    job = s.jobs["j1"]
+    g = job.base[f] + c
+    # Lose the only copy in flight the way no event reports it (white box).
+    s._release(job, job.machines[t], g)
+    job.resend.discard(g)
+    assert not job.holders[g] and job.inflight_count[g] == 0 and g not in job.unsent
+    out = []
+    for k in range(1, 4):
+        for name in ("h0", "h1", "h2"):
+            out += run(s, beat(name), T0 + k)
+        out += run(s, Tick(), T0 + k + 0.5)
+    again = [x for x in fetches(out) if (x[1], x[2]) == (f, c)]
+    assert again and again[0][3] == "h0", "the lost chunk was never offered again"
