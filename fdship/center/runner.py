@@ -37,7 +37,7 @@ from fdship.core.events import (CallbackDelivered, CommandUndelivered, Event, Ho
 from fdship.core.scheduler import Scheduler, Tunables
 from fdship.core.schedules import RunSchedule
 from fdship.daemon.client import DaemonClient
-from fdship.errors import FdshipError, NotFound
+from fdship.errors import FdshipError, LogCorruptError, NotFound
 from fdship.httpclient import call, peer_url
 
 log = logging.getLogger("fdship.center")
@@ -63,14 +63,35 @@ def decode_record(payload: bytes) -> tuple[Event, float]:
     return from_record(obj["e"]), float(obj["t"])
 
 
+class ReplayError(Exception):
+    """A checkpoint or record whose checksums hold but whose content is not a center's."""
+
+    def __init__(self, what: str, cause: BaseException) -> None:
+        super().__init__(f"{what} ({type(cause).__name__}: {str(cause)[:200]})")
+        self.what = what
+
+
 def replay_into(sched: Scheduler, checkpoint: bytes | None, records: Any) -> int:
-    """Rebuild durable state from a checkpoint and the records after it."""
+    """Rebuild durable state from a checkpoint and the records after it.
+
+    The frames' checksums were verified on open; content that still does not
+    decode or apply (a file rewritten with correct checksums around something
+    else) raises ReplayError rather than a traceback, and the center does not start.
+    """
     if checkpoint is not None:
-        sched.restore(json.loads(checkpoint))
+        try:
+            sched.restore(json.loads(checkpoint))
+        except Exception as e:
+            raise ReplayError("the newest checkpoint holds no state this center can read",
+                              e) from None
     n = 0
     for payload in records:
-        ev, t = decode_record(payload)
-        sched.handle(ev, t)
+        try:
+            ev, t = decode_record(payload)
+            sched.handle(ev, t)
+        except Exception as e:
+            raise ReplayError(f"record {n + 1} after the checkpoint cannot be replayed",
+                              e) from None
         n += 1
     return n
 
@@ -142,7 +163,15 @@ class Runner:
     def recover(self) -> list[str]:
         """Open the log and rebuild state (blocking; before serving)."""
         rec = self.redo.open()
-        self.replayed = replay_into(self.sched, rec.checkpoint, rec.records)
+        try:
+            self.replayed = replay_into(self.sched, rec.checkpoint, rec.records)
+        except ReplayError as e:
+            self.redo.close()
+            raise LogCorruptError(
+                f"REDO log in {self.cfg.data_dir}: {e} (checkpoint at LSN "
+                f"{rec.checkpoint_lsn}). Its checksums are right, so it was rewritten, not "
+                "torn by a crash; the center will not guess. Restore the data dir from a "
+                "backup, or move the damaged file out of it and start again.") from None
         self.sched.handle(Recovered(), self.clock())
         self._last_ckpt = self.clock()
         notes = list(rec.notes)
