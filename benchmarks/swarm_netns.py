@@ -18,9 +18,10 @@ the job result, snapshot included), the lower bound S/B (file size over one
 link's rate), their ratio, the source host's egress (bytes its link carried,
 headers and control traffic included) over the file size, how long target
 downlinks sat idle mid-transfer (sampled every 50 ms from the link
-counters), and how busy the machine's CPUs were (``/proc/stat``): many
-daemons on few cores can be CPU-bound rather than network-bound, and the
-figure says so.  Medians over the repeats go in the table; ``--json`` keeps
+counters), the CPU cores the tool's own processes used (fdship: center and
+daemons; the baseline: the pushing side, ssh and rsync clients) and how busy
+the machine's CPUs were in all (``/proc/stat``): many daemons on few cores
+can be CPU-bound rather than network-bound, and the figures say so.  Medians over the repeats go in the table; ``--json`` keeps
 every run.
 """
 
@@ -62,15 +63,34 @@ def cpu_busy(before: tuple[float, float], after: tuple[float, float]) -> float:
     return (after[0] - before[0]) / total if total > 0 else 0.0
 
 
+def own_cpu(pids: list[int]) -> float:
+    """CPU seconds (user + system) used so far by these processes."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def swarm_pids(sw: NetnsSwarm) -> list[int]:
+    return [p.pid for p in sw.daemons] + ([sw.center.pid] if sw.center is not None else [])
+
+
 def fdship_run(sw: NetnsSwarm, src: str, size: int, targets: int, rate: float,
                run: int) -> dict[str, Any]:
     dest = f"/bench{run}"
-    e0, c0 = sw.egress(0), cpu_times()
+    e0, c0, own0 = sw.egress(0), cpu_times(), own_cpu(swarm_pids(sw))
     served0 = sw.status(0)["bytes_served"]
     sampler = LinkSampler(sw.hosts[1:]).start()
     res, wall = sw.ship(src, range(1, targets + 1), dest=dest)
     sampler.stop()
     egress, busy = sw.egress(0) - e0, cpu_busy(c0, cpu_times())
+    own = own_cpu(swarm_pids(sw)) - own0
     if res["state"] != "done":
         raise RuntimeError(f"fdship job ended {res['state']}: {json.dumps(res)[:2000]}")
     for i in range(1, targets + 1):
@@ -84,14 +104,18 @@ def fdship_run(sw: NetnsSwarm, src: str, size: int, targets: int, rate: float,
             "job_s": max(m["seconds"] for m in res["machines"].values()),
             "bound_s": bound, "ratio": wall / bound, "egress_ratio": egress / size,
             "served_ratio": (sw.status(0)["bytes_served"] - served0) / size,
-            "idle_mean_s": statistics.mean(idle), "idle_max_s": max(idle), "cpu_busy": busy}
+            "idle_mean_s": statistics.mean(idle), "idle_max_s": max(idle), "cpu_busy": busy,
+            "own_cores": own / wall}
 
 
 def rsync_run(sw: NetnsSwarm, ssh: Any, src: str, size: int, targets: int,
               rate: float) -> dict[str, Any]:
     e0, c0 = sw.egress(0), cpu_times()
+    cpu0 = os.times()
     wall = parallel_rsync(sw, ssh, src, range(1, targets + 1), dest="rsync/")
     egress, busy = sw.egress(0) - e0, cpu_busy(c0, cpu_times())
+    cpu1 = os.times()  # ssh, sshd and rsync are children of the harness: waited for, counted
+    own = (cpu1.children_user - cpu0.children_user) + (cpu1.children_system - cpu0.children_system)
     for i in range(1, targets + 1):
         landed = os.path.join(sw.root(i), "rsync", os.path.basename(src))
         if not same_bytes(src, landed):
@@ -100,7 +124,7 @@ def rsync_run(sw: NetnsSwarm, ssh: Any, src: str, size: int, targets: int,
     bound = size / rate
     return {"tool": "parallel-rsync", "targets": targets, "size": size, "wall_s": wall,
             "bound_s": bound, "ratio": wall / bound, "egress_ratio": egress / size,
-            "cpu_busy": busy}
+            "cpu_busy": busy, "own_cores": own / wall}
 
 
 def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -116,13 +140,14 @@ def fmt(row: dict[str, Any]) -> str:
     idle = f"{row['idle_mean_s']:.1f} / {row['idle_max_s']:.1f}" if "idle_mean_s" in row else "-"
     return (f"| {row['tool']} | {row['targets']} | {row['size'] // MiB} MiB | "
             f"{row['wall_s']:.1f} | {row['bound_s']:.1f} | {row['ratio']:.2f} | "
-            f"{row['egress_ratio']:.2f} | {idle} | {100 * row['cpu_busy']:.0f}% | "
-            f"{row['runs']} |")
+            f"{row['egress_ratio']:.2f} | {idle} | {row['own_cores']:.2f} | "
+            f"{100 * row['cpu_busy']:.0f}% | {row['runs']} |")
 
 
 HEADER = ("| tool | targets | file | wall s (median) | S/B s | wall / (S/B) | source egress "
-          "/ file | target idle s mean / max | CPU busy | runs |\n"
-          "|---|---|---|---|---|---|---|---|---|---|")
+          "/ file | target idle s mean / max | cores used by the tool | machine CPU busy "
+          "| runs |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,9 +156,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="TARGETSxMIB,... (default %(default)s)")
     p.add_argument("--rate", type=float, default=80.0, help="Mbit/s per host, both directions")
     p.add_argument("--repeat", type=int, default=3, help="fdship runs per case (median)")
-    p.add_argument("--baseline", default="10,20",
-                   help="target counts to run parallel-rsync for (default %(default)s; "
-                        "'none' for none)")
+    p.add_argument("--baseline", default="10x64,20x64",
+                   help="cases (TxS) or target counts (T) to run parallel-rsync for "
+                        "(default %(default)s; 'none' for none)")
     p.add_argument("--baseline-repeat", type=int, default=1)
     p.add_argument("--json", default="", help="write every run to this file")
     args = p.parse_args(argv)
@@ -145,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     for c in args.cases.split(","):
         t, _, s = c.partition("x")
         cases.append((int(t), int(s) * MiB))
-    baseline = set() if args.baseline == "none" else {int(x) for x in args.baseline.split(",")}
+    baseline = set() if args.baseline == "none" else set(args.baseline.split(","))
     rate = args.rate * 1e6 / 8  # bytes/s
     rows: list[str] = []
     every: list[dict[str, Any]] = []
@@ -159,19 +184,21 @@ def main(argv: list[str] | None = None) -> int:
                 res = fdship_run(sw, src, size, targets, rate, r)
                 print(f"   fdship run {r + 1}: {res['wall_s']:.1f} s = {res['ratio']:.2f} x S/B, "
                       f"egress {res['egress_ratio']:.2f} x, idle mean {res['idle_mean_s']:.1f} s, "
-                      f"CPU {100 * res['cpu_busy']:.0f}%", flush=True)
+                      f"{res['own_cores']:.2f} cores, machine CPU {100 * res['cpu_busy']:.0f}%",
+                      flush=True)
                 runs.append(res)
                 time.sleep(3)  # let the daemons drop the finished job's staging
             every += runs
             rows.append(fmt(median_row(runs)))
-            if targets in baseline:
+            if str(targets) in baseline or f"{targets}x{size // MiB}" in baseline:
                 ssh = start_sshd(sw)
                 bruns = []
                 for r in range(args.baseline_repeat):
                     res = rsync_run(sw, ssh, src, size, targets, rate)
                     print(f"   parallel-rsync run {r + 1}: {res['wall_s']:.1f} s = "
                           f"{res['ratio']:.2f} x S/B, egress {res['egress_ratio']:.2f} x, "
-                          f"CPU {100 * res['cpu_busy']:.0f}%", flush=True)
+                          f"{res['own_cores']:.2f} cores, machine CPU "
+                          f"{100 * res['cpu_busy']:.0f}%", flush=True)
                     bruns.append(res)
                 every += bruns
                 rows.append(fmt(median_row(bruns)))
