@@ -327,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--chunk-size", type=str, default="4M")
     sim.add_argument("--slow-fraction", type=float, default=0.0)
     sim.add_argument("--seed", type=int, default=1)
+    sim.add_argument("--latency", type=float, default=None,
+                     help="one-way latency per hop in seconds (default: the simulator's)")
     sim.add_argument("--json", action="store_true")
     sim.set_defaults(fn=cmd_simulate)
     return p
