@@ -50,6 +50,21 @@ def detect_dead(c: Any, name: str, t_kill: float, timeout: float = 30) -> float:
 # ---------------------------------------------------------------------- daemons die
 
 
+def serving_target(c: Any, jid: str, lo: int, hi: int) -> tuple[int, int]:
+    """Wait for a target (d1-d3) holding between ``lo`` and ``hi`` chunks that is
+    uploading to another target right now; return (its index, chunks it holds).
+    Which one that is depends on how the swarm formed, so the test asks."""
+    def find() -> tuple[int, int] | None:
+        ms = c.job_now(jid)["machines"]
+        hosts = c.hosts()
+        for i in (1, 2, 3):
+            n = f"d{i}"
+            if lo <= ms[n]["chunks_done"] <= hi and hosts[n]["assigned"]["uploads"] > 0:
+                return i, ms[n]["chunks_done"]
+        return None
+    return c.wait_until("a target part-way and serving", find, timeout=60, every=0.01)
+
+
 @pytest.mark.slow
 def test_dead_peer_detected_fetches_reassigned_target_resumes(cluster_factory, tmp_path):
     """kill -9 a target that is also serving others: it is detected dead, the
@@ -64,41 +79,39 @@ def test_dead_peer_detected_fetches_reassigned_target_resumes(cluster_factory, t
     want = c.write_random(path, 12 * MiB)
     total = 12 * MiB // CHUNK
     jid = c.submit_async([path], ["d1", "d2", "d3"])
-    # Kill d1 while it holds part of the file and is uploading to a peer.
-    c.wait_until("d1 part-way and serving", lambda: (
-        6 <= c.machine(jid, "d1")["chunks_done"] <= total - 16
-        and c.hosts()["d1"]["assigned"]["uploads"] > 0), timeout=60, every=0.01)
-    acked = c.machine(jid, "d1")["chunks_done"]
-    c.kill_daemon(1)
+    # Kill a target while it holds part of the file and is uploading to a peer.
+    v, acked = serving_target(c, jid, 6, total - 16)
+    name, others = f"d{v}", [i for i in (1, 2, 3) if i != v]
+    c.kill_daemon(v)
     t_kill = time.monotonic()
-    detect = detect_dead(c, "d1", t_kill)
-    # The others finish without d1: whatever they fetched from it is reassigned.
-    res = wait_state(c, jid, ["d2", "d3"], "done", timeout=90)
-    assert res["state"] == "running" and res["machines"]["d1"]["state"] != "failed"
-    for i in (2, 3):
+    detect = detect_dead(c, name, t_kill)
+    # The others finish without it: whatever they fetched from it is reassigned.
+    res = wait_state(c, jid, [f"d{i}" for i in others], "done", timeout=90)
+    assert res["state"] == "running" and res["machines"][name]["state"] != "failed"
+    for i in others:
         assert c.sha256(c.dest_path(i, path)) == want
 
-    # Restart d1 with every peer paused, so the center's view of what it holds
+    # Restart it with every peer paused, so the center's view of what it holds
     # (its inventory, re-verified on disk) can be read before it fetches more.
-    for i in (0, 2, 3):
+    for i in [0, *others]:
         c.pause(i)
     try:
-        c.start_daemon(1)
-        c.wait_alive(30, names=["d1"])
-        held = c.machine(jid, "d1")["chunks_done"]
+        c.start_daemon(v)
+        c.wait_alive(30, names=[name])
+        held = c.machine(jid, name)["chunks_done"]
     finally:
-        for i in (0, 2, 3):
+        for i in [0, *others]:
             c.resume(i)
     assert acked <= held < total, (acked, held)
     res = c.wait_job(jid, 90)
     assert res["state"] == "done", res
-    fetched_after = int(c.daemon_metrics(1)["fdship_chunks_fetched_total"])
-    print(f"\nd1 dead after {detect:.2f} s (heartbeat timeout 2 s, interval 0.5 s); "
+    fetched_after = int(c.daemon_metrics(v)["fdship_chunks_fetched_total"])
+    print(f"\n{name} dead after {detect:.2f} s (heartbeat timeout 2 s, interval 0.5 s); "
           f"held {held}/{total} chunks at restart ({acked} acked before the kill), "
           f"fetched {fetched_after} after it")
     assert detect < 2 + 4  # timeout + a tick + a heartbeat interval, on a noisy machine
     assert fetched_after == total - held  # only what it lacked
-    assert c.sha256(c.dest_path(1, path)) == want
+    assert c.sha256(c.dest_path(v, path)) == want
     no_leftovers(c, [1, 2, 3])
 
 
@@ -116,24 +129,24 @@ def test_hung_peer_fetches_move_to_another_peer(cluster_factory, tmp_path):
     want = c.write_random(path, 12 * MiB)
     total = 12 * MiB // CHUNK
     jid = c.submit_async([path], ["d1", "d2", "d3"])
-    c.wait_until("d1 part-way and serving", lambda: (
-        6 <= c.machine(jid, "d1")["chunks_done"] <= total - 16
-        and c.hosts()["d1"]["assigned"]["uploads"] > 0), timeout=60, every=0.01)
-    c.pause(1)
+    v, _ = serving_target(c, jid, 6, total - 16)
+    name, others = f"d{v}", [i for i in (1, 2, 3) if i != v]
+    c.pause(v)
     t0 = time.monotonic()
     try:
-        detect = detect_dead(c, "d1", t0)
-        wait_state(c, jid, ["d2", "d3"], "done", timeout=120)
+        detect = detect_dead(c, name, t0)
+        wait_state(c, jid, [f"d{i}" for i in others], "done", timeout=120)
         took = time.monotonic() - t0
     finally:
-        c.resume(1)
-    print(f"\nhung d1 dead after {detect:.2f} s; d2 and d3 done {took:.1f} s after it hung")
+        c.resume(v)
+    print(f"\nhung {name} dead after {detect:.2f} s; the others done {took:.1f} s after it "
+          "hung")
     assert took < 100  # the fetch timeout is 300 s: nobody waited for it
-    for i in (2, 3):
+    for i in others:
         assert c.sha256(c.dest_path(i, path)) == want
     res = c.wait_job(jid, 90)
     assert res["state"] == "done"
-    assert c.sha256(c.dest_path(1, path)) == want
+    assert c.sha256(c.dest_path(v, path)) == want
 
 
 def test_dead_target_fails_after_grace_others_finish(cluster_factory, tmp_path):
