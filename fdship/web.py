@@ -14,9 +14,11 @@ drops to 64K for it as soon as its headers are in, before the body is read.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
+import signal
 import os
 import ssl
 import stat
@@ -218,3 +220,12 @@ def make_server(app: tornado.web.Application, cfg: Any,
         max_body_size=cfg.max_body, max_buffer_size=cfg.max_body + 1024 * 1024,
         idle_connection_timeout=cfg.idle_timeout, body_timeout=cfg.body_timeout,
         decompress_request=False)
+
+
+def stop_signal() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT: how the center and the daemons stop cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop

@@ -12,7 +12,6 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import time
 from typing import Any
 
@@ -31,7 +30,7 @@ from fdship.core.events import (ChunkStored, FetchFailed, FilePacked, HookFinish
 from fdship.errors import BadRequest, ConfigError, NotFound
 from fdship.httpclient import configure_tls
 from fdship.web import (BaseHandler, MetricsHandler, NotFoundHandler, make_server,
-                        server_ssl_context)
+                        server_ssl_context, stop_signal)
 
 log = logging.getLogger("fdship.center")
 
@@ -259,6 +258,8 @@ def make_app(runner: Runner, token: str, metrics: CenterMetrics) -> tornado.web.
 
 async def run_center(cfg: CenterConfig) -> None:
     """Run the center until SIGTERM/SIGINT.  Raises ConfigError when it cannot start."""
+    # Handlers first: a SIGTERM during recovery or start-up still stops cleanly.
+    stop = stop_signal()
     token = read_token(cfg.token_file)
     host, port = parse_hostport(cfg.listen, "listen")
     # TLS settings are checked before recovery, which may take a while.
@@ -289,10 +290,6 @@ async def run_center(cfg: CenterConfig) -> None:
     runner.start()
     log.info("fdship center %s listening on %s://%s (data dir %s, chunk size %d)", __version__,
              "https" if cfg.tls_cert else "http", cfg.listen, cfg.data_dir, cfg.chunk_size)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping")
     server.stop()

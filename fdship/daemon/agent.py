@@ -25,7 +25,6 @@ import asyncio
 import logging
 import os
 import random
-import signal
 import stat
 import time
 import uuid
@@ -54,7 +53,7 @@ from fdship.errors import (BadRequest, ConfigError, FdshipError, IntegrityError,
                            NotFound, Unavailable, Unprocessable)
 from fdship.httpclient import cluster_ssl_context, configure_tls
 from fdship.web import (BaseHandler, MetricsHandler, NotFoundHandler, make_server,
-                        server_ssl_context)
+                        server_ssl_context, stop_signal)
 
 log = logging.getLogger("fdship.daemon")
 
@@ -726,6 +725,8 @@ def make_app(d: Daemon) -> tornado.web.Application:
 
 async def run_daemon(cfg: DaemonConfig) -> None:
     """Run a daemon until SIGTERM/SIGINT.  Raises ConfigError when it cannot start."""
+    # Handlers first: a SIGTERM during recovery or start-up still stops cleanly.
+    stop = stop_signal()
     token = read_token(cfg.token_file)
     host, port = parse_hostport(cfg.listen, "listen")
     server_ssl_context(cfg.tls_cert, cfg.tls_key)  # refuse bad TLS files before anything
@@ -749,10 +750,6 @@ async def run_daemon(cfg: DaemonConfig) -> None:
     log.info("fdship daemon %s name=%s listening on %s://%s advertising %s, center %s",
              __version__, cfg.name, "https" if cfg.tls_cert else "http", cfg.listen,
              cfg.advertise, cfg.center)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping")
     server.stop()
