@@ -117,3 +117,17 @@ def _tls_hint(err: object) -> str:
     if "WRONG_VERSION_NUMBER" in text or "record layer failure" in text:
         return "; the server does not speak TLS: use an http:// URL or turn TLS on there"
     return ""
+
+
+class JsonClient:
+    """Base of the typed clients: a base URL, the token, a default timeout."""
+
+    def __init__(self, base_url: str, token: str = "", timeout: float = 30.0) -> None:
+        self.base = base_url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+
+    async def _call(self, method: str, path: str, body: Any = None,
+                    timeout: float | None = None) -> Any:
+        return await call(method, self.base + path, body, token=self.token,
+                          timeout=timeout or self.timeout)

@@ -9,19 +9,11 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from fdship import protocol as P
-from fdship.httpclient import call
+from fdship.httpclient import JsonClient
 
 
-class CenterClient:
-    def __init__(self, base_url: str, token: str = "", timeout: float = 30.0) -> None:
-        self.base = base_url.rstrip("/")
-        self.token = token
-        self.timeout = timeout
-
-    async def _call(self, method: str, path: str, body: Any = None,
-                    timeout: float | None = None) -> Any:
-        return await call(method, self.base + path, body, token=self.token,
-                          timeout=timeout or self.timeout)
+class CenterClient(JsonClient):
+    """One method per center endpoint; used by daemons, the CLI and the TUI."""
 
     async def heartbeat(self, beat: P.Heartbeat) -> P.HeartbeatReply:
         return P.HeartbeatReply.from_json(await self._call("POST", P.CENTER_HEARTBEAT,

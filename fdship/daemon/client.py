@@ -9,23 +9,16 @@ from __future__ import annotations
 from typing import Any
 
 from fdship import protocol as P
-from fdship.httpclient import call
+from fdship.httpclient import JsonClient
 
 
 def daemon_url(address: str) -> str:
     return address if address.startswith(("http://", "https://")) else "http://" + address
 
 
-class DaemonClient:
+class DaemonClient(JsonClient):
     def __init__(self, base_url: str, token: str = "", timeout: float = 30.0) -> None:
-        self.base = daemon_url(base_url).rstrip("/")
-        self.token = token
-        self.timeout = timeout
-
-    async def _call(self, method: str, path: str, body: Any = None,
-                    timeout: float | None = None) -> Any:
-        return await call(method, self.base + path, body, token=self.token,
-                          timeout=timeout or self.timeout)
+        super().__init__(daemon_url(base_url), token, timeout)
 
     async def pull(self, req: P.PullRequest) -> Any:
         return await self._call("POST", P.DAEMON_PULL, req.to_json(), timeout=15)

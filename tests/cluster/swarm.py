@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import shutil
 import signal
 import socket
@@ -38,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
 
+from fdship.demo import generate, same_bytes  # noqa: F401  (re-exported; shared with the demo)
 from tests.netns import Cluster, Host
 
 DAEMON_PORT = 7071
@@ -48,27 +48,6 @@ def _free_port(addr: str) -> int:
     with socket.socket() as s:
         s.bind((addr, 0))
         return int(s.getsockname()[1])
-
-
-def generate(path: str, size: int, seed: int = 7) -> None:
-    """Pseudo-random bytes, one block at a time (bounded memory)."""
-    rng = random.Random(seed)
-    with open(path, "wb") as f:
-        left = size
-        while left > 0:
-            n = min(BLOCK, left)
-            f.write(rng.randbytes(n))
-            left -= n
-
-
-def same_bytes(a: str, b: str) -> bool:
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        while True:
-            x, y = fa.read(BLOCK), fb.read(BLOCK)
-            if x != y:
-                return False
-            if not x:
-                return True
 
 
 def link_bytes(dev: str, direction: str) -> int:
