@@ -1,7 +1,7 @@
 """An fdship cluster on network-namespace hosts: one daemon per host, shaped links.
 
 Where it sits: test and benchmark support (nothing in ``fdship/`` imports it).
-The cluster tests in this directory and ``benchmarks/swarm_netns.py`` use it
+The cluster tests in this directory and ``tests/benchmarks/swarm_netns.py`` use it
 on top of :mod:`tests.netns`, which makes the hosts.  Host ``i`` runs
 ``python -m fdship daemon`` inside its namespace, listening on and
 advertising its own address, with its own data dir and ``--root``; the

@@ -20,9 +20,9 @@ asserts on them.  Needs curl and nginx on PATH (``apt-get install curl
 nginx-light``); nginx runs with its own temporary config on a loopback port and
 is stopped at the end.
 
-    python benchmarks/loopback.py                 # 256 MiB, 7 rounds
-    python benchmarks/loopback.py --size 64 --runs 3 --markdown
-    python benchmarks/loopback.py --chunk 64 --only serve   # per-request cost
+    python tests/benchmarks/loopback.py                 # 256 MiB, 7 rounds
+    python tests/benchmarks/loopback.py --size 64 --runs 3 --markdown
+    python tests/benchmarks/loopback.py --chunk 64 --only serve   # per-request cost
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 # Run from a checkout without installing: the repository root goes first.
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import xxhash  # noqa: E402

@@ -2,8 +2,8 @@
 
 Usage (as root, from the repository root)::
 
-    python benchmarks/swarm_netns.py                       # the full table
-    python benchmarks/swarm_netns.py --cases 10x64 --repeat 1 --baseline 10
+    python tests/benchmarks/swarm_netns.py                       # the full table
+    python tests/benchmarks/swarm_netns.py --cases 10x64 --repeat 1 --baseline 10
 
 Each case ``TxS`` ships S MiB from host 0 to T target hosts, every host's link
 shaped to ``--rate`` Mbit/s in both directions (tbf on both ends of its veth,
@@ -35,7 +35,7 @@ import sys
 import time
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from tests.cluster.swarm import (
     LinkSampler,

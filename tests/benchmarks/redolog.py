@@ -7,9 +7,9 @@ prints records/s, fsync count and fsync latency (median, p99) for each.  The
 numbers depend on the disk and on whatever else the machine is doing: they are
 figures to read, not goals (no test asserts on them).
 
-    python benchmarks/redolog.py                  # temp dir on the default temp filesystem
-    python benchmarks/redolog.py --dir /var/lib   # measure the disk the center will use
-    python benchmarks/redolog.py --seconds 2 --markdown
+    python tests/benchmarks/redolog.py                  # temp dir on the default temp filesystem
+    python tests/benchmarks/redolog.py --dir /var/lib   # measure the disk the center will use
+    python tests/benchmarks/redolog.py --seconds 2 --markdown
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 # Run from a checkout without installing: the repository root goes first.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 PAYLOAD_BYTES = 200
 

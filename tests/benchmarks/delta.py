@@ -19,7 +19,7 @@ hashes, ranges), that over the bytes a full transfer moves (size x targets),
 and how the chunks were obtained (taken whole from the old copy, patched with
 ranges, fetched in full).  Every copy is checked against the source's xxh3.
 
-    python benchmarks/delta.py [--size 200] [--targets 10] [--chunk-size 4M]
+    python tests/benchmarks/delta.py [--size 200] [--targets 10] [--chunk-size 4M]
                                [--fraction 0.01] [--rate 25M] [--json]
 
 On loopback the network is free and eleven daemons share a couple of cores
@@ -42,7 +42,7 @@ from typing import Any
 
 import xxhash
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from fdship.localcluster import LocalCluster
 

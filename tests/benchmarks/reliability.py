@@ -19,9 +19,9 @@ The tests in ``tests/integration`` assert the same properties; this prints
 the figures for ``docs/reliability.md``.  Timings depend on the machine: they
 are figures to read, not goals.
 
-    python benchmarks/reliability.py                    # all three, default sizes
-    python benchmarks/reliability.py --kills 50 --detect 10 --corrupt 3 --markdown
-    python benchmarks/reliability.py --only detect --heartbeat-timeout 2 --heartbeat-interval 0.5
+    python tests/benchmarks/reliability.py                    # all three, default sizes
+    python tests/benchmarks/reliability.py --kills 50 --detect 10 --corrupt 3 --markdown
+    python tests/benchmarks/reliability.py --only detect --heartbeat-timeout 2 --heartbeat-interval 0.5
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 # Run from a checkout without installing: the repository root goes first.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from fdship.localcluster import LocalCluster
 
