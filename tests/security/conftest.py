@@ -14,6 +14,7 @@ REDO log grow?
 
 from __future__ import annotations
 
+import copy
 import datetime
 import glob
 import http.client
@@ -28,8 +29,9 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -70,7 +72,7 @@ def _pki_cryptography(d: str, prefix: str) -> tuple[str, str, str]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"fdship test CA {prefix}")])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
@@ -109,7 +111,7 @@ def _pki_openssl(d: str, prefix: str) -> tuple[str, str, str]:
     if shutil.which("openssl") is None:
         pytest.skip("neither the cryptography package nor the openssl command is installed "
                     "(apt-get install -y openssl)")
-    p = lambda n: os.path.join(d, prefix + n)  # noqa: E731
+    p = lambda n: os.path.join(d, prefix + n)
 
     def run(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
@@ -386,7 +388,7 @@ def stop_cluster(c: SecCluster) -> None:
                 pass
     try:
         c.stop()
-    except Exception:
+    except (OSError, subprocess.SubprocessError):
         for p in c.daemons + [c.center]:
             if p.alive():
                 p.kill(signal.SIGKILL)
@@ -577,8 +579,9 @@ def record_tallies(tallies: dict[str, Tally]) -> None:
 
 # ---------------------------------------------------------------------- strategies
 
-from hypothesis import strategies as st  # noqa: E402
-from urllib.parse import quote  # noqa: E402
+from urllib.parse import quote
+
+from hypothesis import strategies as st
 
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]
 
@@ -598,7 +601,7 @@ WEIRD_INT = st.sampled_from([-1, 0, 1, 2**31 - 1, 2**31, 2**32, 2**53 + 1, 2**62
 WEIRD_FLOAT = st.floats() | st.sampled_from([1e308, -0.0, 5e-324, float("nan"), float("inf")])
 WEIRD_STR = st.sampled_from(WEIRD_STRINGS) | st.text(max_size=40)
 WEIRD_ANY = (WEIRD_STR | WEIRD_INT | WEIRD_FLOAT | JSON_ANY | st.booleans()
-             | st.lists(WEIRD_STR, max_size=3) | st.just({}) | st.just([]))
+             | st.lists(WEIRD_STR, max_size=3) | st.builds(dict) | st.builds(list))
 
 
 # The values most likely to break a parser, tried in every field by ``sweep``.
@@ -624,7 +627,7 @@ def sweep(template: Any) -> Iterator[tuple[str, Any]]:
                 else:
                     container.pop(k)
             else:
-                container[k] = value
+                container[k] = copy.deepcopy(value)
             shown = repr(value)[:20]
             yield f"{key}={shown}", obj
 
@@ -662,7 +665,9 @@ def mutated(draw: Any, template: Any, weird: dict[str, Any] | None = None) -> An
         if op == "replace":
             pick = weird[name] if name in weird else st.one_of(st.sampled_from(EXTREMES),
                                                                  WEIRD_ANY)
-            container[key] = draw(pick)
+            # A private copy: EXTREMES' lists and dicts are shared, and a later
+            # mutation must not reach (or loop back into) them.
+            container[key] = copy.deepcopy(draw(pick))
         elif op == "delete":
             if isinstance(container, dict):
                 del container[key]
@@ -676,7 +681,11 @@ def mutated(draw: Any, template: Any, weird: dict[str, Any] | None = None) -> An
             v = container[key]
             n = draw(st.sampled_from([2, 100, 5000]))
             if len(json.dumps(v)) * n < 1_000_000:
-                container[key] = [v] * n
+                # Copies, not n references to one object: a later mutation inside
+                # one of them must not multiply the body again.
+                container[key] = [copy.deepcopy(v) for _ in range(n)]
+                if len(json.dumps(obj)) > 2_000_000:
+                    container[key] = v
     return obj
 
 

@@ -54,7 +54,8 @@ BAD_AUTH: list[dict[str, str] | None] = [
 
 def fdship(*args: str, env: dict[str, str] | None = None,
            timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fdship", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "fdship", *args], check=False,
+                          capture_output=True,
                           text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
 
 

@@ -18,7 +18,8 @@ import json
 import os
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import xxhash
@@ -208,7 +209,8 @@ def test_destination_escapes_at_submission(env: Env) -> None:
         f.write(b"payload\n")
     for dest, status in (("/etc", 422), ("/data/../etc", 400), ("data", 400),
                          ("/data/\0x", 400), ("/data/../../OUT", 400)):
-        refused(env, dest, lambda: _err(*env.submit([src], ["d1"], dest=dest), status))
+        refused(env, dest, lambda dest=dest, status=status:
+                _err(*env.submit([src], ["d1"], dest=dest), status))
 
 
 def _job_failed_for(env: Env, dest: str, machine: str, words: str) -> None:

@@ -27,7 +27,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -36,8 +37,22 @@ from hypothesis import strategies as st
 from fdship import protocol as P
 from fdship.errors import ProtocolError
 
-from .conftest import (EXTREMES, FUZZ_EXAMPLES, WEIRD_STR, Fuzzer, Req, SecCluster, encode,
-                       get_cases, path_ids, post_cases, record_tallies, stop_cluster, sweep, tree)
+from .conftest import (
+    EXTREMES,
+    FUZZ_EXAMPLES,
+    WEIRD_STR,
+    Fuzzer,
+    Req,
+    SecCluster,
+    encode,
+    get_cases,
+    path_ids,
+    post_cases,
+    record_tallies,
+    stop_cluster,
+    sweep,
+    tree,
+)
 
 FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None,
                 suppress_health_check=list(HealthCheck))
@@ -274,21 +289,22 @@ def test_fuzz_daemon_download(fz: Fuzzer, data: Any, which: int) -> None:
     assert st_ >= 400 or req.method != "GET"
 
 
+@pytest.mark.parametrize("label", ["GET /daemon/status", "GET /daemon/jobs/ID",
+                                   "GET /metrics (daemon)", "other paths (daemon)"])
 @FUZZ
 @given(data=st.data(), which=st.sampled_from([0, 1, 2]))
-def test_fuzz_daemon_status_jobs_metrics(fz: Fuzzer, data: Any, which: int) -> None:
-    req: Req = data.draw(st.one_of(
-        get_cases(P.DAEMON_STATUS, {"verbose": st.just("1")}),
-        get_cases(path_ids("/daemon/jobs/", [fz.job]),  # type: ignore[attr-defined]
-                  {"wait": st.sampled_from(["0", "0.01", "0.5"])}),
-        get_cases(P.METRICS, {}),
-        get_cases(path_ids("/daemon/", ["api", "pull", "pack", "download", "status", "jobs"]),
-                  {})))
-    label = ("GET /daemon/status" if req.target.startswith(P.DAEMON_STATUS) else
-             "GET /daemon/jobs/ID" if req.target.startswith("/daemon/jobs/") else
-             "GET /metrics (daemon)" if req.target.startswith(P.METRICS) else
-             "other paths (daemon)")
-    fz.check(label, _target(fz, which), req)
+def test_fuzz_daemon_status_jobs_metrics(fz: Fuzzer, label: str, data: Any,
+                                         which: int) -> None:
+    cases = {
+        "GET /daemon/status": lambda: get_cases(P.DAEMON_STATUS, {"verbose": st.just("1")}),
+        "GET /daemon/jobs/ID": lambda: get_cases(
+            path_ids("/daemon/jobs/", [fz.job]),  # type: ignore[attr-defined]
+            {"wait": st.sampled_from(["0", "0.01", "0.5"])}),
+        "GET /metrics (daemon)": lambda: get_cases(P.METRICS, {}),
+        "other paths (daemon)": lambda: get_cases(
+            path_ids("/daemon/", ["api", "pull", "pack", "download", "status", "jobs"]), {}),
+    }
+    fz.check(label, _target(fz, which), data.draw(cases[label]()))
 
 
 def test_after_the_fuzz_nothing_escaped(fz: Fuzzer) -> None:

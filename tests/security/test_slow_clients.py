@@ -29,7 +29,7 @@ from typing import Any
 import psutil
 import pytest
 
-from .conftest import Raw, SecCluster, wait_for, write_random
+from .conftest import Raw, wait_for, write_random
 
 MiB = 1024 * 1024
 TIMEOUTS = ["--write-timeout", "2", "--body-timeout", "2", "--idle-timeout", "2"]
@@ -210,7 +210,8 @@ def test_a_peer_that_stops_sending_mid_chunk_gets_its_chunk_reassigned(
         assert p is not None
         p.send_signal(signal.SIGCONT)
     assert c.wait_job(job, 120)["state"] == "done"
-    want = open(src, "rb").read()
+    with open(src, "rb") as f:
+        want = f.read()
     for i in (1, 2, 3, 4):
         with open(os.path.join(c.root(i), src.lstrip("/")), "rb") as f:
             assert f.read() == want

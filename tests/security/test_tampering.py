@@ -89,7 +89,7 @@ def test_a_well_framed_record_that_is_not_a_center_record(state_dir: str, tmp_pa
     data = _copy(state_dir, tmp_path, "rec")
     for ck in glob.glob(os.path.join(data, "checkpoint-*")):
         os.unlink(ck)  # replay the whole log, the appended record included
-    seg = sorted(glob.glob(os.path.join(data, "redo-*.log")))[-1]
+    seg = max(glob.glob(os.path.join(data, "redo-*.log")))
     size = os.path.getsize(seg)
     with open(seg, "ab") as f:
         f.write(encode(payload))

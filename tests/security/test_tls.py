@@ -30,14 +30,16 @@ from fdship.errors import Unavailable
 from fdship.httpclient import call, client_ssl_context
 from fdship.localcluster import free_port
 
-from .conftest import PKI, TOKEN, Raw, SecCluster, wait_for, write_random
+from .conftest import PKI, TOKEN, Raw, wait_for, write_random
 
 MiB = 1024 * 1024
 
 
-def fdship(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fdship", *args], capture_output=True,
-                          text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+def fdship(*args: str, env: dict[str, str],
+           timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fdship", *args], check=False,
+                          capture_output=True, text=True, timeout=timeout, env=env,
+                          stdin=subprocess.DEVNULL)
 
 
 def sha(path: str) -> str:
