@@ -19,8 +19,8 @@ seconds per GiB of the serving process and of the fetching one.
 Figures depend on the machine and whatever else it does; nothing asserts on
 them.
 
-    python benchmarks/tls.py                    # 256 MiB, 4 MiB chunks, 5 rounds
-    python benchmarks/tls.py --size 64 --runs 3 --markdown
+    python tests/benchmarks/tls.py                    # 256 MiB, 4 MiB chunks, 5 rounds
+    python tests/benchmarks/tls.py --size 64 --runs 3 --markdown
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 # Run from a checkout without installing: the repository root goes first.
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 MiB = 1024 * 1024
