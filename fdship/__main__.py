@@ -17,6 +17,7 @@ import sys
 from typing import Any, Sequence
 
 from fdship import config as C
+from fdship.config import human_bytes
 from fdship.errors import BadRequest, ConfigError, FdshipError, Unavailable
 
 EXIT_OK, EXIT_FAILED, EXIT_INPUT, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -61,12 +62,6 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------- submit
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def _progress_line(res: dict[str, Any]) -> str:
@@ -79,13 +74,13 @@ def _progress_line(res: dict[str, Any]) -> str:
     fill = int(prog * width)
     rate = sum(m.get("rate") or 0 for m in ms.values())
     return (f"[{'#' * fill}{'.' * (width - fill)}] {prog * 100:5.1f}%  "
-            f"{done}/{total} done, {failed} failed  {_human_bytes(rate)}/s")
+            f"{done}/{total} done, {failed} failed  {human_bytes(rate)}/s")
 
 
 def summarize(res: dict[str, Any]) -> str:
     lines = [f"job {res['job']}: {res['state']}"]
     for f in res.get("files", []):
-        lines.append(f"  file {f['path']} -> {f['dest']} ({_human_bytes(f['size'])}, "
+        lines.append(f"  file {f['path']} -> {f['dest']} ({human_bytes(f['size'])}, "
                      f"xxh3 {f['xxh3']})")
     for name, m in sorted(res.get("machines", {}).items()):
         secs = f" in {m['seconds']:.1f} s" if m.get("seconds") is not None else ""
@@ -165,7 +160,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         return 0
     rows = [[j["job"], j["state"], f"{j['progress'] * 100:.0f}%",
              f"{j['machines']['done']}/{j['machines']['total']}", str(j["machines"]["failed"]),
-             _human_bytes(j["bytes_total"]), j["created"] or ""] for j in res["jobs"]]
+             human_bytes(j["bytes_total"]), j["created"] or ""] for j in res["jobs"]]
     print(_table(rows, ["JOB", "STATE", "PROGRESS", "DONE", "FAILED", "BYTES", "CREATED"])
           if rows else "no jobs")
     return 0
@@ -181,12 +176,12 @@ def cmd_job(args: argparse.Namespace) -> int:
     print(f"job {res['job']}  state {res['state']}  created {res['created']}  "
           f"finished {res['finished'] or '-'}  source {res.get('source')}")
     for f in res["files"]:
-        print(f"  {f['path']} -> {f['dest']}  {_human_bytes(f['size'])}  xxh3 {f['xxh3']}")
+        print(f"  {f['path']} -> {f['dest']}  {human_bytes(f['size'])}  xxh3 {f['xxh3']}")
     rows = []
     for n, m in sorted(res["machines"].items()):
         eta = f"{m['eta']:.0f}s" if m.get("eta") is not None else "-"
         rows.append([n, m["state"], f"{m['chunks_done']}/{m['chunks_total']}",
-                     _human_bytes(m["bytes_done"]), f"{_human_bytes(m.get('rate') or 0)}/s", eta,
+                     human_bytes(m["bytes_done"]), f"{human_bytes(m.get('rate') or 0)}/s", eta,
                      str(m.get("attempts", 0)), m.get("error") or ""])
     print(_table(rows, ["MACHINE", "STATE", "CHUNKS", "BYTES", "RATE", "ETA", "RETRIES",
                         "ERROR"]))
@@ -206,7 +201,7 @@ def cmd_hosts(args: argparse.Namespace) -> int:
         age = f"{h['heartbeat_age']:.1f}s" if h.get("heartbeat_age") is not None else "-"
         rows.append([h["name"], h["address"], ",".join(h["labels"]) or "-",
                      "alive" if h["alive"] else "DEAD", age, f"{ld['cpu']:.0f}%",
-                     f"{_human_bytes(ld['net_tx'])}/s", f"{_human_bytes(ld['net_rx'])}/s",
+                     f"{human_bytes(ld['net_tx'])}/s", f"{human_bytes(ld['net_rx'])}/s",
                      f"{ld['uploads']}/{ld['downloads']}"])
     print(_table(rows, ["NAME", "ADDRESS", "LABELS", "STATE", "BEAT", "CPU", "TX", "RX",
                         "UP/DOWN"]) if rows else "no daemons registered")

@@ -37,6 +37,15 @@ def parse_size(value: str | int | float, what: str = "size") -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB': the inverse of parse_size, for people."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
 def parse_duration(value: str | int | float, what: str = "duration") -> float:
     """'10m' -> 600.0.  Suffixes ms, s, m, h, d; a bare number is seconds."""
     if isinstance(value, bool):

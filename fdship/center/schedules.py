@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from fdship import protocol as P
+from fdship.config import human_bytes
 from fdship.core.events import ScheduleStartFailed
 from fdship.core.schedules import RunSchedule
 from fdship.daemon.client import DaemonClient
@@ -134,12 +135,6 @@ def routes() -> list[tuple[str, type]]:
 # ---------------------------------------------------------------------- CLI
 
 
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -205,7 +200,7 @@ async def cli(args: argparse.Namespace, token: str) -> int:
     rows = []
     for e in res["history"]:
         rows.append([str(e["run"] or "-"), e["start"] or "-", e["end"] or "-", e["result"],
-                     _bytes(e["bytes"]), e["job"] or "-",
+                     human_bytes(e["bytes"]), e["job"] or "-",
                      (f"caught up {e['missed']} missed; " if e.get("missed") else "")
                      + (e["reason"] or "")])
     print(_table(rows, ["RUN", "START", "END", "RESULT", "BYTES", "JOB", "REASON"])
