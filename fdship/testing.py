@@ -41,6 +41,7 @@ from fdship.core.actions import Action, AssignFetch, Commit, JobEnded, Pack
 from fdship.core.events import (
     ChunkStored,
     Event,
+    FetchDraining,
     FetchFailed,
     FilePacked,
     HookFinished,
@@ -88,6 +89,7 @@ class Transfer:
     stamp: float = 0.0  # when ``remaining`` was last brought up to date
     version: int = 0  # bumped on every rate change: stale heap entries are skipped
     id: int = 0
+    drained: bool = False  # the target told the center it is about to finish
 
 
 @dataclass(eq=False)
@@ -139,7 +141,7 @@ def waterfill(capacity: float, demands: list[float]) -> list[float]:
 
 
 # Event kinds in the simulator's heap.
-_CENTER, _PULL, _BEGIN, _DONE, _TICK, _BEAT = range(6)
+_CENTER, _PULL, _BEGIN, _DONE, _TICK, _BEAT, _DRAIN = range(7)
 
 
 class SimCluster:
@@ -148,13 +150,16 @@ class SimCluster:
     def __init__(self, n_hosts: int, bandwidth: float, *, slow_fraction: float = 0.0,
                  slow_factor: float = 0.25, seed: int = 1, tunables: Tunables | None = None,
                  latency: float = 0.001, jitter: float = 0.0,
-                 beat_interval: float = 0.0) -> None:
+                 beat_interval: float = 0.0, drain_lead: float = 0.0) -> None:
         self.rng = random.Random(seed)
         self.clock = FakeClock()
         self.sched = Scheduler(tunables or Tunables(heartbeat_timeout=1e9), seed=seed)
         self.latency = latency
         self.jitter = jitter
         self.beat_interval = beat_interval
+        # Like the daemon's fetch_lead: a fetch tells the center it is about
+        # to finish this long before its last byte (0: never).
+        self.drain_lead = drain_lead
         self.hosts: dict[str, SimHost] = {}
         names = [f"h{i:05d}" for i in range(n_hosts)]
         slow = set(self.rng.sample(names[1:], int(slow_fraction * (n_hosts - 1)))) \
@@ -376,7 +381,10 @@ class SimCluster:
             x.rate = r
             x.version += 1
             if r > 0:
-                self._push(now + max(0.0, x.remaining) / r, _DONE, (x, x.version))
+                end = now + max(0.0, x.remaining) / r
+                self._push(end, _DONE, (x, x.version))
+                if self.drain_lead > 0 and not x.drained:
+                    self._push(max(now, end - self.drain_lead), _DRAIN, (x, x.version))
 
     # -- running ------------------------------------------------------------------
 
@@ -418,6 +426,13 @@ class SimCluster:
                 tr, version = payload
                 if tr.version == version:
                     self._done(tr)
+            elif kind == _DRAIN:
+                tr, version = payload
+                if tr.version == version and not tr.drained:
+                    tr.drained = True
+                    self._push(self.clock.now + self._delay(), _CENTER,
+                               FetchDraining(job=tr.job, host=tr.target, file=tr.file,
+                                             chunk=tr.chunk, peer=tr.peer))
             elif kind == _CENTER:
                 self._deliver(payload)
             elif kind == _PULL:

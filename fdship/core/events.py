@@ -185,6 +185,26 @@ class FetchFailed(Event):
 
 
 @dataclass(frozen=True)
+class FetchDraining(Event):
+    """A fetch is about to finish: ``host`` has all but its last few
+    milliseconds' worth of bytes of the chunk from ``peer``.
+
+    The chunk is not held yet (it is neither complete nor verified), but the
+    two links it uses are about to fall idle.  Telling the center now, one
+    round trip early, lets it hand both ends their next transfer so the bytes
+    of the next chunk start to flow as the last ones of this chunk arrive,
+    instead of a round trip later (``Scheduler._on_FetchDraining``).
+    """
+
+    kind: ClassVar[str] = "DRAIN"
+    job: str
+    host: str
+    file: int
+    chunk: int
+    peer: str
+
+
+@dataclass(frozen=True)
 class PackFailed(Event):
     """A target could not install a file: ``kind`` 'integrity' (refetch) or 'local'."""
 

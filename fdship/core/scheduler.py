@@ -50,7 +50,7 @@ from fdship.core import placement
 from fdship.core.actions import Action, AssignFetch, Commit, JobEnded, Pack
 from fdship.core.schedules import Schedules
 from fdship.core.events import (CallbackDelivered, ChunksLost, ChunkStored, CommandUndelivered,
-                                Event, FetchFailed, FilePacked, HookFinished, HostRegistered,
+                                Event, FetchDraining, FetchFailed, FilePacked, HookFinished, HostRegistered,
                                 HostReported, JobsExpired, JobSubmitted, MachineFailed,
                                 PackFailed, Recovered, Tick)
 from fdship.errors import TooLarge, Unprocessable
@@ -607,6 +607,31 @@ class Scheduler:
         peer = self.hosts.get(ev.peer)
         return self._try(job, m, now, full=True) + self._serve(peer, now)
 
+    def _on_FetchDraining(self, ev: FetchDraining, now: float) -> list[Action]:
+        """Both ends of a fetch are about to fall idle: give them their next work now.
+
+        The chunk stays in flight (it is not held until its ack), so nobody
+        fetches it twice and a failure still retries it; only the two slots go
+        back, to be filled while the last bytes arrive.  For a moment each end
+        then runs two transfers, which share the link: the link never idles
+        for the round trip (ack, decision, pull, request) between two chunks.
+        """
+        job = self.jobs.get(ev.job)
+        if job is None or ev.host not in job.machines or ev.file >= len(job.files):
+            return []
+        if ev.chunk >= job.file_chunks(ev.file):
+            return []
+        m = job.machines[ev.host]
+        g = job.base[ev.file] + ev.chunk
+        entry = m.inflight.get(g)
+        if entry is None or entry[0] != ev.peer or g not in m.loads:
+            return []  # a stale notice: the fetch ended, or another one took its place
+        self._free_slots(m, g, ev.peer)
+        actions = self._serve(self.hosts.get(ev.peer), now)
+        if not m.ended:
+            actions += self._try(job, m, now)
+        return actions
+
     def _on_PackFailed(self, ev: PackFailed, now: float) -> list[Action]:
         job = self.jobs.get(ev.job)
         if job is None or ev.host not in job.machines:
@@ -831,13 +856,23 @@ class Scheduler:
                 and t.down_load <= self.t.download_budget - FULL_ENOUGH)
 
     def _release(self, job: Job, m: Machine, g: int) -> None:
-        """Free the slots of an in-flight fetch of chunk g to machine m."""
+        """Forget the in-flight fetch of chunk g to machine m, freeing its slots."""
         entry = m.inflight.pop(g, None)
         if entry is None:
             return
-        peer = entry[0]
-        up, down = m.loads.pop(g, (0.0, 0.0))
         job.inflight_count[g] -= 1
+        self._free_slots(m, g, entry[0])
+
+    def _free_slots(self, m: Machine, g: int, peer: str) -> None:
+        """Give back the upload and download slot the fetch of chunk g holds.
+
+        Once per fetch: a fetch that reported ``FetchDraining`` gave its slots
+        back then, and only its ``inflight`` entry is left for the ack.
+        """
+        loads = m.loads.pop(g, None)
+        if loads is None:
+            return
+        up, down = loads
         t = self.hosts.get(m.name)
         if t is not None and t.downloads > 0:
             t.downloads -= 1
