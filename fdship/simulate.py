@@ -19,6 +19,12 @@ What it reports, per job:
   simulator's bookkeeping;
 * how long targets waited between finishing a chunk and starting the next.
 
+The simulated daemons behave like the real ones, including the notice a
+fetch sends ``--lead`` seconds before its last byte (the daemon's
+``fetch_lead``), which lets the center give both ends their next transfer
+while the last bytes arrive; ``--lead 0`` shows the cost of the round trip
+between chunks without it.
+
 Every run with the same arguments and seed gives the same numbers.
 """
 
@@ -41,17 +47,20 @@ from fdship.testing import SimCluster, fake_file
 # between one source and one target on the namespace network of
 # docs/benchmarks.md (ack batching, the center's fsync, two HTTP requests).
 DEFAULT_LATENCY = 0.005
+# How long before its last byte a fetch tells the center it is about to finish
+# (``FetchDraining``): the daemon's ``fetch_lead`` default.
+DEFAULT_LEAD = 0.05
 SLOW_FACTOR = 0.25
 MAX_HOSTS = 100_000
 
 
 def simulate(hosts: int, size: int, bandwidth: float, chunk_size: int = 4 * 1024 * 1024,
              slow_fraction: float = 0.0, seed: int = 1, latency: float = DEFAULT_LATENCY,
-             tunables: Tunables | None = None) -> dict[str, Any]:
+             tunables: Tunables | None = None, lead: float = DEFAULT_LEAD) -> dict[str, Any]:
     """Ship one ``size``-byte file from host 0 to all others; return the figures."""
     wall0 = time.perf_counter()
     sim = SimCluster(hosts, bandwidth, slow_fraction=slow_fraction, slow_factor=SLOW_FACTOR,
-                     seed=seed, latency=latency, jitter=0.5,
+                     seed=seed, latency=latency, jitter=0.5, drain_lead=lead,
                      tunables=tunables or Tunables(heartbeat_timeout=1e9, chunk_size=chunk_size))
     cpu_setup = sim.cpu_seconds  # registering the hosts is not part of the job
     targets = [n for n in sim.hosts if n != "h00000"]
@@ -76,7 +85,7 @@ def simulate(hosts: int, size: int, bandwidth: float, chunk_size: int = 4 * 1024
         "hosts": hosts, "targets": len(targets), "size": size, "bandwidth": bandwidth,
         "chunk_size": chunk_size, "chunks": chunk_count(size, chunk_size),
         "slow_fraction": slow_fraction, "slow_hosts": len(sim.slow), "seed": seed,
-        "latency": latency, "state": state, "done": len(finish),
+        "latency": latency, "lead": lead, "state": state, "done": len(finish),
         "lower_bound_s": bound, "job_bound_s": job_bound,
         "completion_s": completion, "ratio": completion / bound if bound else 0.0,
         "ratio_to_job_bound": completion / job_bound if job_bound else 0.0,
@@ -124,14 +133,20 @@ def run_simulation(args: argparse.Namespace) -> int:
     """The ``fdship simulate`` command; prints a summary (or JSON) and returns 0."""
     hosts, size, bandwidth, chunk, slow = _check(args)
     latency = float(getattr(args, "latency", None) or DEFAULT_LATENCY)
-    r = simulate(hosts, size, bandwidth, chunk, slow, int(args.seed), latency)
+    lead = getattr(args, "lead", None)
+    lead = DEFAULT_LEAD if lead is None else float(lead)
+    if lead < 0:
+        raise ConfigError("--lead must be at least 0 seconds (0: fetches never announce "
+                          "their end), e.g. 0.05")
+    r = simulate(hosts, size, bandwidth, chunk, slow, int(args.seed), latency, lead=lead)
     if getattr(args, "json", False):
         json.dump(r, sys.stdout, indent=2, sort_keys=True)
         print()
         return 0
     print(f"{r['targets']} targets ({r['slow_hosts']} at a quarter of the bandwidth), "
           f"{_mib(size)} in {r['chunks']} chunks of {_mib(chunk)}, "
-          f"{bandwidth / 1048576:.1f} MiB/s links, seed {r['seed']}")
+          f"{bandwidth / 1048576:.1f} MiB/s links, seed {r['seed']}, "
+          f"{r['latency'] * 1000:g} ms per hop, fetch lead {r['lead'] * 1000:g} ms")
     print(f"  job {r['state']}: {r['done']}/{r['targets']} targets in {r['completion_s']:.1f} s; "
           f"lower bound S/B {r['lower_bound_s']:.1f} s")
     print(f"  completion / (S/B)     {r['ratio']:.3f}   (job bound {r['job_bound_s']:.1f} s: "

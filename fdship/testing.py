@@ -113,8 +113,8 @@ class SimHost:
     busy_slots: int = 0  # daemon fetch slots taken (flowing or about to)
     waiting: deque[tuple[str, str, int, int, int]] = field(default_factory=deque)
     # Instrumentation of the target side.
-    freed: deque[float] = field(default_factory=deque)  # times a fetch slot came free
-    gap_seconds: float = 0.0  # slot free -> next fetch's bytes flowing, summed
+    freed: deque[float] = field(default_factory=deque)  # when the downlink fell idle
+    gap_seconds: float = 0.0  # a chunk's last byte -> the next one's first, summed
     gaps: int = 0
     idle_since: float | None = None  # no byte flowing in since then (while work remained)
     idle_seconds: float = 0.0
@@ -319,9 +319,11 @@ class SimCluster:
             job, peer, file, chunk, size = t.waiting.popleft()
             t.busy_slots += 1
             self._push(now + self._delay(), _BEGIN, (job, tr.target, peer, file, chunk, size))
-        t.freed.append(now)
         if t.downloads == 0:
             t.idle_since = now
+            t.freed.append(now)  # the downlink is idle until the next fetch begins
+        else:
+            t.gaps += 1  # another fetch already flows (it was started early): no gap
         self.assigned[tr.peer] -= 1
         if (tr.peer, tr.target) in self.fail_links:
             ev: Event = FetchFailed(job=tr.job, host=tr.target, file=tr.file, chunk=tr.chunk,
