@@ -13,6 +13,13 @@ daemon per host (``tests/cluster/swarm.py``); fdship ships the file
 ``parallel-rsync`` (Debian package pssh) pushes the same file from host 0 to
 every target at once over ssh (sshd per host, throwaway keys).
 
+``--chunk-sizes 4M,1M`` runs fdship once per chunk size (the center's
+``--chunk-size``), each in a cluster of its own; ``--variants`` compares daemon
+settings side by side in the same way (e.g. ``--variants "lead on=,lead
+off=--fetch-lead 0"``).  Each row also gives the issue's target for it: 1.15 x
+S/B plus one chunk time per doubling of hosts, i.e. ``1.15 + log2(T) x
+chunk / size`` in units of S/B.
+
 Reported per run: wall time (for fdship, from the POST to the source daemon to
 the job result, snapshot included), the lower bound S/B (file size over one
 link's rate), their ratio, the source host's egress (bytes its link carried,
@@ -29,7 +36,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -37,6 +46,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
+from fdship.config import parse_size
 from tests.cluster.swarm import (
     LinkSampler,
     NetnsSwarm,
@@ -81,8 +91,13 @@ def swarm_pids(sw: NetnsSwarm) -> list[int]:
     return [p.pid for p in sw.daemons] + ([sw.center.pid] if sw.center is not None else [])
 
 
+def target_ratio(targets: int, size: int, chunk: int) -> float:
+    """The issue's goal in units of S/B: 1.15 plus one chunk time per doubling of hosts."""
+    return 1.15 + math.log2(max(1, targets)) * chunk / size
+
+
 def fdship_run(sw: NetnsSwarm, src: str, size: int, targets: int, rate: float,
-               run: int) -> dict[str, Any]:
+               run: int, chunk: int = 4 * MiB, variant: str = "") -> dict[str, Any]:
     dest = f"/bench{run}"
     e0, c0, own0 = sw.egress(0), cpu_times(), own_cpu(swarm_pids(sw))
     served0 = sw.status(0)["bytes_served"]
@@ -100,7 +115,9 @@ def fdship_run(sw: NetnsSwarm, src: str, size: int, targets: int, rate: float,
         os.unlink(landed)  # keep the disk use of a long benchmark bounded
     idle = [sampler.idle_seconds(k, rate) for k in range(targets)]
     bound = size / rate
-    return {"tool": "fdship", "targets": targets, "size": size, "wall_s": wall,
+    return {"tool": "fdship", "variant": variant, "chunk": chunk,
+            "target_ratio": target_ratio(targets, size, chunk),
+            "targets": targets, "size": size, "wall_s": wall,
             "job_s": max(m["seconds"] for m in res["machines"].values()),
             "bound_s": bound, "ratio": wall / bound, "egress_ratio": egress / size,
             "served_ratio": (sw.status(0)["bytes_served"] - served0) / size,
@@ -138,16 +155,19 @@ def median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def fmt(row: dict[str, Any]) -> str:
     idle = f"{row['idle_mean_s']:.1f} / {row['idle_max_s']:.1f}" if "idle_mean_s" in row else "-"
-    return (f"| {row['tool']} | {row['targets']} | {row['size'] // MiB} MiB | "
-            f"{row['wall_s']:.1f} | {row['bound_s']:.1f} | {row['ratio']:.2f} | "
+    tool = row["tool"] + (f" ({row['variant']})" if row.get("variant") else "")
+    chunk = f"{row['chunk'] // MiB} MiB" if "chunk" in row else "-"
+    goal = f"{row['target_ratio']:.2f}" if "target_ratio" in row else "-"
+    return (f"| {tool} | {row['targets']} | {row['size'] // MiB} MiB | {chunk} | "
+            f"{row['wall_s']:.1f} | {row['bound_s']:.1f} | {row['ratio']:.2f} | {goal} | "
             f"{row['egress_ratio']:.2f} | {idle} | {row['own_cores']:.2f} | "
             f"{100 * row['cpu_busy']:.0f}% | {row['runs']} |")
 
 
-HEADER = ("| tool | targets | file | wall s (median) | S/B s | wall / (S/B) | source egress "
-          "/ file | target idle s mean / max | cores used by the tool | machine CPU busy "
-          "| runs |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| tool | targets | file | chunk | wall s (median) | S/B s | wall / (S/B) | target "
+          "| source egress / file | target idle s mean / max | cores used by the tool "
+          "| machine CPU busy | runs |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="cases (TxS) or target counts (T) to run parallel-rsync for "
                         "(default %(default)s; 'none' for none)")
     p.add_argument("--baseline-repeat", type=int, default=1)
+    p.add_argument("--chunk-sizes", default="4M",
+                   help="the center's --chunk-size for fdship, one cluster each "
+                        "(default %(default)s; e.g. 4M,1M)")
+    p.add_argument("--variants", default="",
+                   help="NAME=DAEMON ARGS;... daemon settings to compare, one cluster each "
+                        "(e.g. 'lead on=;lead off=--fetch-lead 0')")
     p.add_argument("--json", default="", help="write every run to this file")
     args = p.parse_args(argv)
     reason = netns_unavailable_reason()
@@ -174,34 +200,36 @@ def main(argv: list[str] | None = None) -> int:
     rate = args.rate * 1e6 / 8  # bytes/s
     rows: list[str] = []
     every: list[dict[str, Any]] = []
+    chunks = [parse_size(c, "--chunk-sizes") for c in args.chunk_sizes.split(",") if c]
+    variants: list[tuple[str, list[str]]] = [("", [])]
+    if args.variants:
+        variants = [(name.strip(), shlex.split(rest)) for name, _, rest in
+                    (v.partition("=") for v in args.variants.split(";") if v.strip())]
     for targets, size in cases:
-        print(f"== {targets} targets, {size // MiB} MiB, {args.rate:g} Mbit/s", flush=True)
-        with NetnsSwarm(targets + 1, args.rate, prefix="fbn") as sw:
-            src = os.path.join(sw.base, f"payload-{size // MiB}.bin")
-            generate(src, size, seed=targets)
-            runs = []
-            for r in range(args.repeat):
-                res = fdship_run(sw, src, size, targets, rate, r)
-                print(f"   fdship run {r + 1}: {res['wall_s']:.1f} s = {res['ratio']:.2f} x S/B, "
-                      f"egress {res['egress_ratio']:.2f} x, idle mean {res['idle_mean_s']:.1f} s, "
-                      f"{res['own_cores']:.2f} cores, machine CPU {100 * res['cpu_busy']:.0f}%",
-                      flush=True)
-                runs.append(res)
-                time.sleep(3)  # let the daemons drop the finished job's staging
-            every += runs
-            rows.append(fmt(median_row(runs)))
-            if str(targets) in baseline or f"{targets}x{size // MiB}" in baseline:
-                ssh = start_sshd(sw)
-                bruns = []
-                for r in range(args.baseline_repeat):
-                    res = rsync_run(sw, ssh, src, size, targets, rate)
-                    print(f"   parallel-rsync run {r + 1}: {res['wall_s']:.1f} s = "
-                          f"{res['ratio']:.2f} x S/B, egress {res['egress_ratio']:.2f} x, "
+        settings = [(c, v) for c in chunks for v in variants]
+        for k, (chunk, (vname, vargs)) in enumerate(settings):
+            print(f"== {targets} targets, {size // MiB} MiB, {args.rate:g} Mbit/s, chunks of "
+                  f"{chunk // 1024} KiB{', ' + vname if vname else ''}", flush=True)
+            with NetnsSwarm(targets + 1, args.rate, prefix="fbn",
+                            center_args=["--chunk-size", str(chunk)], daemon_args=vargs) as sw:
+                src = os.path.join(sw.base, f"payload-{size // MiB}.bin")
+                generate(src, size, seed=targets)
+                runs = []
+                for r in range(args.repeat):
+                    res = fdship_run(sw, src, size, targets, rate, r, chunk, vname)
+                    print(f"   fdship run {r + 1}: {res['wall_s']:.1f} s = {res['ratio']:.2f} x "
+                          f"S/B (target {res['target_ratio']:.2f}), egress "
+                          f"{res['egress_ratio']:.2f} x, idle mean {res['idle_mean_s']:.1f} s, "
                           f"{res['own_cores']:.2f} cores, machine CPU "
                           f"{100 * res['cpu_busy']:.0f}%", flush=True)
-                    bruns.append(res)
-                every += bruns
-                rows.append(fmt(median_row(bruns)))
+                    runs.append(res)
+                    time.sleep(3)  # let the daemons drop the finished job's staging
+                every += runs
+                rows.append(fmt(median_row(runs)))
+                last = k == len(settings) - 1
+                if last and (str(targets) in baseline or f"{targets}x{size // MiB}" in baseline):
+                    baseline_runs(sw, src, size, targets, rate, args.baseline_repeat,
+                                  every, rows)
     print()
     print(HEADER)
     for line in rows:
@@ -210,6 +238,22 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(every, f, indent=1)
     return 0
+
+
+def baseline_runs(sw: NetnsSwarm, src: str, size: int, targets: int, rate: float,
+                  repeat: int, every: list[dict[str, Any]], rows: list[str]) -> None:
+    """parallel-rsync from host 0 to every target, in the cluster fdship just used."""
+    ssh = start_sshd(sw)
+    bruns = []
+    for r in range(repeat):
+        res = rsync_run(sw, ssh, src, size, targets, rate)
+        print(f"   parallel-rsync run {r + 1}: {res['wall_s']:.1f} s = "
+              f"{res['ratio']:.2f} x S/B, egress {res['egress_ratio']:.2f} x, "
+              f"{res['own_cores']:.2f} cores, machine CPU "
+              f"{100 * res['cpu_busy']:.0f}%", flush=True)
+        bruns.append(res)
+    every += bruns
+    rows.append(fmt(median_row(bruns)))
 
 
 if __name__ == "__main__":
