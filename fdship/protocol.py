@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence, TypeVar
+from typing import Any, ClassVar, Mapping, Sequence, TypeVar
 
 from fdship.errors import ProtocolError
 
@@ -22,6 +22,7 @@ from fdship.errors import ProtocolError
 
 CENTER_JOB = "/center/job"
 CENTER_ACK = "/center/ack"
+CENTER_DRAINING = "/center/draining"  # POST DrainBatch: fetches about to finish (soft)
 CENTER_FIN = "/center/fin"
 CENTER_HEARTBEAT = "/center/heartbeat"
 CENTER_JOBS = "/center/jobs"  # GET list; GET /center/jobs/ID one job
@@ -450,6 +451,66 @@ class AckBatch:
         if len(acks) > 10_000:
             raise ProtocolError("ack batch: at most 10000 acks per request")
         return cls(host=_get(d, "host", str, "ack batch"), acks=acks)
+
+
+@dataclass(frozen=True)
+class Drain:
+    """One fetch about to finish: the target has all but its last ``fetch_lead``
+    seconds' worth of the chunk's bytes from ``peer`` (the peer's *name*).
+
+    A hint, never a promise: the chunk is neither complete nor verified, and its
+    ack still follows.  The center gives both ends their next transfer now
+    (``FetchDraining``) instead of a round trip later.
+    """
+
+    job: str
+    file: int
+    chunk: int
+    peer: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"job": self.job, "file": self.file, "chunk": self.chunk, "peer": self.peer}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> Drain:
+        d = _obj(obj, "drain notice")
+        job = _get(d, "job", str, "drain notice")
+        peer = _get(d, "peer", str, "drain notice")
+        if not job or len(job) > 255 or not peer or len(peer) > 255:
+            raise ProtocolError("drain notice: 'job' and 'peer' must be 1-255 characters")
+        return cls(job=job, file=_nonneg(d, "file", "drain notice"),
+                   chunk=_nonneg(d, "chunk", "drain notice"), peer=peer)
+
+
+@dataclass(frozen=True)
+class DrainBatch:
+    """POST /center/draining: one or more fetches of one host about to finish.
+
+    Sent at once, not batched on a timer: a notice is only worth its lead while
+    the fetch still runs.  A batch holds more than one only when notices queued
+    behind the few requests a daemon keeps in flight.
+    """
+
+    host: str
+    drains: tuple[Drain, ...]
+
+    MAX: ClassVar[int] = 1000
+
+    def to_json(self) -> dict[str, Any]:
+        return {"host": self.host, "drains": [d.to_json() for d in self.drains]}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> DrainBatch:
+        d = _obj(obj, "drain batch")
+        items = _list(d, "drains", "drain batch")
+        if not items:
+            raise ProtocolError("drain batch: 'drains' is empty: send at least one notice")
+        if len(items) > cls.MAX:
+            raise ProtocolError(f"drain batch: at most {cls.MAX} notices per request")
+        host = _get(d, "host", str, "drain batch")
+        if not host or len(host) > 255:
+            raise ProtocolError("drain batch: 'host' must be 1-255 characters")
+        return cls(host=host, drains=tuple(Drain.from_json(i) for i in items))
 
 
 @dataclass(frozen=True)

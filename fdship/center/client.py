@@ -25,6 +25,14 @@ class CenterClient(JsonClient):
     async def ack(self, batch: P.AckBatch) -> None:
         await self._call("POST", P.CENTER_ACK, batch.to_json())
 
+    async def draining(self, batch: P.DrainBatch, timeout: float = 5.0) -> int:
+        """Tell the center fetches are about to finish; returns how many it ignored.
+
+        Short timeout: a notice is worth something only while its fetch runs.
+        """
+        res = await self._call("POST", P.CENTER_DRAINING, batch.to_json(), timeout=timeout)
+        return int(res.get("ignored", 0)) if isinstance(res, dict) else 0
+
     async def fin(self, fin: P.Fin) -> None:
         await self._call("POST", P.CENTER_FIN, fin.to_json())
 

@@ -26,7 +26,8 @@ from fdship.center.runner import Runner
 from fdship.center.schedules import routes as schedule_routes
 from fdship.config import CenterConfig, parse_hostport, read_token
 from fdship.core import views
-from fdship.core.events import (ChunkStored, FetchFailed, FilePacked, HookFinished, PackFailed)
+from fdship.core.events import (ChunkStored, FetchDraining, FetchFailed, FilePacked, HookFinished,
+                                PackFailed)
 from fdship.errors import BadRequest, ConfigError, NotFound
 from fdship.httpclient import configure_tls
 from fdship.web import (BaseHandler, MetricsHandler, NotFoundHandler, make_server,
@@ -56,6 +57,11 @@ class CenterMetrics:
                              registry=r)
         self.reused = Counter("fdship_chunks_reused_total", "Chunks targets took from their "
                               "old copy of the file, moving no bytes", registry=r)
+        self.drains = Counter("fdship_drain_notices_total", "Notices that a fetch is about to "
+                              "finish: 'accepted' went to the scheduler, 'ignored' named no "
+                              "running job, machine or chunk", ["outcome"], registry=r)
+        for outcome in ("accepted", "ignored"):
+            self.drains.labels(outcome=outcome)  # exported as 0 before the first notice
         ref = runner_ref
 
         def alive() -> float:
@@ -132,6 +138,34 @@ class AckHandler(CenterHandler):
                                  peer=a.peer, fail=a.kind, error=a.error)
             futs.append(self.runner.submit(ev))
         await asyncio.gather(*futs)  # all land in one turn: one fsync
+        self.send_json({"ok": True, "ignored": ignored})
+
+
+class DrainingHandler(CenterHandler):
+    """POST /center/draining: fetches about to finish; their two slots are reused now.
+
+    A soft notice: nothing is logged, and the answer does not wait for the
+    single writer at all (so never for a group commit's fsync).  The events
+    are queued and the handler answers at once; a notice that turns out stale
+    by the time the scheduler sees it (the ack overtook it, or the fetch was
+    reassigned) changes nothing.
+    """
+
+    def post(self) -> None:
+        batch = self.parse(P.DrainBatch.from_json)
+        m: CenterMetrics = self.settings["fdship_metrics"]
+        ignored = 0
+        for d in batch.drains:
+            if not self.concerns_running_job(d.job, batch.host, d.file, d.chunk):
+                ignored += 1
+                continue
+            self.runner.notify(FetchDraining(job=d.job, host=batch.host, file=d.file,
+                                             chunk=d.chunk, peer=d.peer))
+        accepted = len(batch.drains) - ignored
+        if accepted:
+            m.drains.labels(outcome="accepted").inc(accepted)
+        if ignored:
+            m.drains.labels(outcome="ignored").inc(ignored)
         self.send_json({"ok": True, "ignored": ignored})
 
 
@@ -244,6 +278,7 @@ def make_app(runner: Runner, token: str, metrics: CenterMetrics) -> tornado.web.
     return tornado.web.Application([
         (P.CENTER_JOB, JobHandler),
         (P.CENTER_ACK, AckHandler),
+        (P.CENTER_DRAINING, DrainingHandler),
         (P.CENTER_FIN, FinHandler),
         (P.CENTER_HEARTBEAT, HeartbeatHandler),
         (P.CENTER_JOBS, JobsHandler),

@@ -98,9 +98,9 @@ def replay_into(sched: Scheduler, checkpoint: bytes | None, records: Any) -> int
 
 @dataclass
 class _Item:
-    kind: str  # "event" | "admit"
+    kind: str  # "event" | "admit" | "make"
     payload: Any
-    fut: asyncio.Future[Any]
+    fut: asyncio.Future[Any] | None  # None: a notice nobody waits for (``Runner.notify``)
     reply: Callable[[], Any] | None = None
 
 
@@ -213,6 +213,17 @@ class Runner:
         await self.inbox.put(_Item("event", ev, fut, reply))
         return await fut
 
+    def notify(self, ev: Event) -> None:
+        """Queue a soft event and return at once: its sender waits for nothing.
+
+        For hints like ``FetchDraining`` whose whole worth is arriving early.
+        It is handled in the writer's next turn like any event; a turn made of
+        soft events alone appends no record and so never fsyncs (see ``_main``).
+        """
+        if ev.durable:  # a durable event must be logged before anyone relies on it
+            raise ValueError(f"{type(ev).__name__} is durable: submit it and wait")
+        self.inbox.put_nowait(_Item("event", ev, None))
+
     async def admit(self, req: P.JobRequest) -> str:
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         await self.inbox.put(_Item("admit", req, fut))
@@ -291,10 +302,15 @@ class Runner:
                         res = it.reply()
                     results.append((it, res, None))
                 except FdshipError as e:
+                    if it.fut is None:
+                        log.debug("notice %r refused: %s", it.payload, e)
                     results.append((it, None, e))
                 except Exception as e:  # a bug: answer 500, keep the center running
                     log.exception("scheduler failed on %r", it.payload)
                     results.append((it, None, e))
+            # Only a turn that appended records fsyncs: one of soft events alone
+            # (heartbeats of known hosts, ticks, drain notices) has nothing to make
+            # durable, and answering it or acting on it waits for no disk.
             if appended:
                 t0 = time.perf_counter()
                 self.redo.sync()  # group commit: one fsync for the whole turn
@@ -302,7 +318,7 @@ class Runner:
                     self.metrics.fsync.observe(time.perf_counter() - t0)
                 self._records_since_ckpt += appended
             for it, res, err in results:
-                if it.fut.done():
+                if it.fut is None or it.fut.done():
                     continue
                 if err is not None:
                     it.fut.set_exception(err)
