@@ -196,6 +196,18 @@ class DaemonConfig:
                                 "fetch_timeout)", parse_duration)
     write_timeout: float = _opt(30.0, "a peer that takes none of a chunk's bytes this long is "
                                 "hung up on, freeing the upload slot", parse_duration)
+    connect_timeout: float = _opt(1.0, "a peer that does not accept a chunk fetch's connection "
+                                  "(TCP and TLS handshake) this fast fails the fetch, and the "
+                                  "center gives the chunk to another holder at once",
+                                  parse_duration)
+    fetch_stall_timeout: float = _opt(10.0, "a peer that sends no byte of a chunk this long "
+                                      "fails the fetch (timeout) even if it still heartbeats; "
+                                      "keep it above 256K / the slowest peer's upload_rate",
+                                      parse_duration)
+    fetch_lead: float = _opt(0.05, "tell the center a fetch is about to finish when its last "
+                             "bytes are due within this many seconds, so the next chunk starts "
+                             "flowing a round trip earlier; 0 turns the notices off",
+                             parse_duration)
     token_file: str = _opt("", "file holding the shared token (mode 0600)")
     tls_cert: str = _opt("", "PEM certificate (chain) to serve HTTPS with; needs tls_key. "
                          "Chunk fetches from peers then use TLS too")
@@ -224,6 +236,12 @@ class DaemonConfig:
         validate_transport(self)
         if self.fetch_timeout <= 0 or self.write_timeout <= 0:
             raise ConfigError("fetch_timeout and write_timeout must be positive")
+        if self.connect_timeout <= 0 or self.fetch_stall_timeout <= 0:
+            raise ConfigError("connect_timeout and fetch_stall_timeout must be positive "
+                              "(seconds, e.g. 1s and 10s)")
+        if not 0 <= self.fetch_lead <= 10:
+            raise ConfigError(f"fetch_lead must be between 0 (no notices) and 10 seconds, got "
+                              f"{self.fetch_lead:g}; the default is 0.05 (50 ms)")
         if not os.path.isabs(self.root):
             raise ConfigError(f"root: {self.root!r} must be an absolute path")
         for d in self.allow_dest + self.allow_source:

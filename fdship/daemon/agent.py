@@ -9,7 +9,10 @@ It plays every role of the seed's protocol on its machine:
   (:mod:`fdship.daemon.serve`);
 * target: ``POST /daemon/pull`` starts fetches from the named peers
   (:mod:`fdship.daemon.fetch`), each verified and then acked to the center in
-  batches; ``POST /daemon/pack`` verifies, fsyncs and renames a file into
+  batches.  A fetch whose last bytes are due within ``fetch_lead`` seconds
+  tells the center at once (``POST /center/draining``, no batching timer) and
+  gives back its download slot, so the next chunk is assigned and starts
+  flowing while this one ends; ``POST /daemon/pack`` verifies, fsyncs and renames a file into
   place and reports ``/center/fin``, then runs the job's notify hook;
 * reporter: a heartbeat every ~1 s with load (psutil), free space, caps and,
   when registering, the inventory of what it holds.
@@ -58,6 +61,13 @@ from fdship.web import (BaseHandler, MetricsHandler, NotFoundHandler, make_serve
 log = logging.getLogger("fdship.daemon")
 
 ACK_FLUSH_SECONDS = 0.005
+# Drain notices: sent at once, at most this many requests in flight; more wait
+# (bounded) and leave together.  A notice older than DRAIN_MAX_AGE is dropped:
+# its fetch has ended and its ack says more.
+DRAINS_IN_FLIGHT = 2
+DRAIN_QUEUE = 256
+DRAIN_BATCH = 64
+DRAIN_MAX_AGE = 2.0
 
 
 def _under(path: str, directory: str) -> bool:
@@ -134,6 +144,12 @@ class DaemonMetrics:
                                 value=time.monotonic() - d.last_beat_ok if d.last_beat_ok else -1)
         yield CounterMetricFamily("fdship_files_installed", "Files packed into place",
                                   value=d.counters["packed"])
+        dn = CounterMetricFamily("fdship_drain_notices", "Notices that a fetch is about to "
+                                 "finish: sent to the center, failed to send, or dropped "
+                                 "(queue full or too old)", labels=["outcome"])
+        for k, v in d.drain_counts.items():
+            dn.add_metric([k], v)
+        yield dn
         ds = d.delta.stats
         r = CounterMetricFamily("fdship_delta_chunks", "Chunks built from the old copy at the "
                                 "destination", labels=["how"])
@@ -156,7 +172,9 @@ class Daemon:
         self.down_limiter = RateLimiter(cfg.download_rate)
         # TLS is all or nothing across a cluster: serving HTTPS means peers do too.
         self.pool = PeerPool(token=token, limiter=self.down_limiter,
-                             ssl=cluster_ssl_context() if cfg.tls_cert else None)
+                             ssl=cluster_ssl_context() if cfg.tls_cert else None,
+                             connect_timeout=cfg.connect_timeout,
+                             stall_timeout=cfg.fetch_stall_timeout, drain_lead=cfg.fetch_lead)
         self.serve_stats = ServeStats()
         # Ship only what changed: chunks the old copy at the destination still holds.
         self.delta = DeltaFetcher(token=token, limiter=self.down_limiter)
@@ -174,6 +192,9 @@ class Daemon:
         self.fetch_slots = asyncio.Semaphore(max(1, cfg.max_downloads))
         self.acks: deque[P.Ack] = deque()
         self.ack_event = asyncio.Event()
+        self.drains: deque[tuple[float, P.Drain]] = deque()
+        self.drains_in_flight = 0
+        self.drain_counts = {"sent": 0, "failed": 0, "dropped": 0}
         # Held by an inventory heartbeat from building it until the center answers,
         # and by every ack batch and job submission in flight (see _heartbeats).
         self.report_lock = asyncio.Lock()
@@ -333,6 +354,54 @@ class Daemon:
             if not self.acks:
                 self.ack_event.clear()
 
+    # ------------------------------------------------------------------ drain notices
+
+    def _drain_notice(self, job: str, f: P.Fetch, release: Callable[[], None]) -> Callable[[], None]:
+        """The ``on_drain`` of one fetch: free its download slot and tell the center.
+
+        Called from the fetch's read path, so it only queues; the center frees
+        the fetch's two slots on the notice too, and the pull it then sends
+        finds this daemon's slot free.
+        """
+        def fire() -> None:
+            release()
+            if len(self.drains) >= DRAIN_QUEUE:
+                self.drains.popleft()
+                self.drain_counts["dropped"] += 1
+            self.drains.append((time.monotonic(), P.Drain(job=job, file=f.file, chunk=f.chunk,
+                                                          peer=f.peer_name)))
+            if self.drains_in_flight < DRAINS_IN_FLIGHT:
+                self.drains_in_flight += 1
+                self.spawn(self._send_drains())
+        return fire
+
+    async def _send_drains(self) -> None:
+        """Send queued notices until none is left; fire and forget.
+
+        A notice that cannot be sent is only logged (at debug): it is a hint,
+        and the fetch's ack follows whatever happens to it.
+        """
+        try:
+            while self.drains:
+                now = time.monotonic()
+                batch: list[P.Drain] = []
+                while self.drains and len(batch) < DRAIN_BATCH:
+                    t, d = self.drains.popleft()
+                    if now - t > DRAIN_MAX_AGE:
+                        self.drain_counts["dropped"] += 1
+                    else:
+                        batch.append(d)
+                if not batch:
+                    continue
+                try:
+                    await self.center.draining(P.DrainBatch(host=self.name, drains=tuple(batch)))
+                    self.drain_counts["sent"] += len(batch)
+                except FdshipError as e:
+                    self.drain_counts["failed"] += len(batch)
+                    log.debug("drain notice for %d fetch(es) not delivered: %s", len(batch), e)
+        finally:
+            self.drains_in_flight -= 1
+
     async def send_fin(self, fin: P.Fin) -> None:
         """Report a pack or hook outcome, retrying until the center takes it."""
         for attempt in range(1, 10_000):
@@ -425,17 +494,34 @@ class Daemon:
     async def _fetch(self, job: str, f: P.Fetch, st: Any) -> None:
         key = (job, f.file, f.chunk)
         t0 = time.monotonic()
+        held = False
+
+        def release() -> None:
+            # Once: at the drain notice (the center reuses the slot then too) or
+            # when the fetch ends, whichever comes first.
+            nonlocal held
+            if held:
+                held = False
+                self.fetch_slots.release()
+
         try:
-            async with self.fetch_slots:
+            await self.fetch_slots.acquire()
+            held = True
+            try:
                 local = False
                 got = await self.delta.fetch(job, f, st.final_path, st.write_fd,
                                              self.cfg.fetch_timeout)
                 if got is not None and got.ok:
                     n, local = got.nbytes, got.local
                 else:
+                    on_drain = self._drain_notice(job, f, release) if self.cfg.fetch_lead > 0 \
+                        else None
                     n = await self.pool.fetch(f.peer, job, f.file, f.chunk, f.size, f.xxh3,
-                                              st.write_fd, f.offset, self.cfg.fetch_timeout)
+                                              st.write_fd, f.offset, self.cfg.fetch_timeout,
+                                              on_drain=on_drain)
                     n += got.nbytes if got is not None else 0
+            finally:
+                release()
             st.mark_chunk(f.chunk, f.xxh3)
             self.queue_ack(P.Ack(job=job, file=f.file, chunk=f.chunk, peer=f.peer_name, ok=True,
                                  nbytes=n, local=local,
@@ -703,6 +789,7 @@ class StatusHandler(DaemonHandler):
                         "chunks_buffered": d.serve_stats.buffered,
                         "bytes_received": d.pool.stats.bytes_received,
                         "fetch_failures": dict(d.pool.stats.failures),
+                        "drain_notices": dict(d.drain_counts),
                         "delta": d.delta.stats.to_json(), "version": __version__})
 
 

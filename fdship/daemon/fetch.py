@@ -16,6 +16,17 @@ allocations.  On loopback that is about 2.5x the throughput of
 Failures come back as :class:`FetchError` whose ``kind`` is one of the
 ``fdship.protocol.FAIL_*`` constants, ready for the ack the center turns into a
 scheduling decision; a connection that saw any error is closed, never reused.
+Three clocks bound a fetch: ``connect_timeout`` (a SYN-ACK lost to a saturated
+link should cost a second, not the kernel's retry ladder: the center gives the
+chunk to another holder as soon as the nack arrives), ``stall_timeout`` (a peer
+that sends no byte this long, heartbeating or not, loses the fetch) and the
+caller's overall ``timeout``.
+
+While a body streams, the fetch estimates when its last byte will arrive from
+the rate so far; ``drain_lead`` seconds before that it calls the request's
+``on_drain`` once, so the daemon can tell the center that this link is about to
+fall idle (``fdship.core.events.FetchDraining``) and the next chunk can start
+flowing while this one ends, instead of a round trip later.
 """
 
 from __future__ import annotations
@@ -23,10 +34,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import logging
 import os
 import socket
 import ssl as ssl_module
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
@@ -45,6 +58,8 @@ MAX_HEAD = 64 * 1024  # response line + headers
 MAX_ERROR_BODY = 4096  # enough of an error body to quote its message
 
 MiB = 1024 * 1024
+
+log = logging.getLogger("fdship.daemon")
 
 
 class FetchError(FdshipError):
@@ -96,7 +111,8 @@ class _Request:
     """State of the one request in flight on a connection."""
 
     def __init__(self, peer: str, fd: int, offset: int, size: int, xxh3: str,
-                 fut: asyncio.Future[int]) -> None:
+                 fut: asyncio.Future[int], on_drain: Callable[[], None] | None = None,
+                 lead: float = 0.0) -> None:
         self.peer = peer
         self.fd = fd
         self.offset = offset
@@ -112,6 +128,14 @@ class _Request:
         self.pos = 0
         self.got_any = False
         self.hasher = xxhash.xxh3_64()
+        # Drain notice: called once, ``lead`` seconds before the estimated last byte.
+        self.on_drain = on_drain if lead > 0 else None
+        self.lead = lead
+        self.t0 = -1.0  # loop time of the first read that carried body bytes
+        self.pos0 = 0  # body bytes held after that read: the rate counts from there
+        # Stall watch: loop time of the last byte (or of our own limiter's resume).
+        self.last_rx = 0.0
+        self.stall_handle: asyncio.TimerHandle | None = None
 
 
 class _Conn(asyncio.BufferedProtocol):
@@ -121,10 +145,12 @@ class _Conn(asyncio.BufferedProtocol):
         self.pool = pool
         self.peer = peer
         self._buf = memoryview(bytearray(BUFFER_SIZE))
+        self._loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.lost = False
         self.req: _Request | None = None
         self._paused = False
+        self.idle_since = 0.0  # loop time it went back to the pool
 
     # --- asyncio protocol ------------------------------------------------------------
 
@@ -144,6 +170,7 @@ class _Conn(asyncio.BufferedProtocol):
             # Bytes nobody asked for: the stream is out of step; never reuse it.
             self.close()
             return
+        req.last_rx = self._loop.time()
         try:
             self._feed(req, self._buf[:nbytes])
         except FetchError as e:
@@ -170,6 +197,39 @@ class _Conn(asyncio.BufferedProtocol):
 
     # --- request handling --------------------------------------------------------------
 
+    def send(self, req: _Request, request: bytes) -> None:
+        """Write ``request`` and start watching for a stalled peer."""
+        assert self.transport is not None
+        self.req = req
+        self.transport.write(request)
+        stall = self.pool.stall_timeout
+        if stall > 0:
+            req.last_rx = self._loop.time()
+            req.stall_handle = self._loop.call_at(req.last_rx + stall, self._check_stall, req)
+
+    def _check_stall(self, req: _Request) -> None:
+        """Fail the request if the peer sent nothing for ``stall_timeout`` seconds.
+
+        One timer per stall period rather than one per read: each read only
+        stamps ``last_rx``, and the timer re-arms itself from the newest stamp.
+        """
+        req.stall_handle = None
+        if req.fut.done() or self.req is not req:
+            return
+        stall = self.pool.stall_timeout
+        now = self._loop.time()
+        if self._paused:
+            # Our own download cap holds the bytes back, not the peer.
+            req.stall_handle = self._loop.call_at(now + stall, self._check_stall, req)
+            return
+        if now - req.last_rx < stall:
+            req.stall_handle = self._loop.call_at(req.last_rx + stall, self._check_stall, req)
+            return
+        where = f"after {req.pos} of {req.size} body bytes" if req.in_body else \
+            "before a complete response"
+        self._fail(req, FetchError(FAIL_TIMEOUT, f"peer {self.peer} sent no byte for "
+                                   f"{stall:g} s ({where}); giving the chunk back"))
+
     def close(self) -> None:
         self.lost = True
         if self.transport is not None:
@@ -184,6 +244,28 @@ class _Conn(asyncio.BufferedProtocol):
         self.close()
         if not req.fut.done():
             req.fut.set_exception(err)
+
+    def _maybe_drain(self, req: _Request) -> None:
+        """Call ``req.on_drain`` once the bytes still to come would take at most ``lead``.
+
+        The rate is the body bytes since the first body read over the time
+        since then (a download cap's pauses included, so it is the rate this
+        fetch really gets).  Bytes of that first read arrived at an unknown
+        speed, so it only starts the clock.
+        """
+        now = self._loop.time()
+        if req.t0 < 0:
+            req.t0, req.pos0 = now, req.pos
+            return
+        dt = now - req.t0
+        got = req.pos - req.pos0
+        # left / (got / dt) <= lead, without dividing by a rate that may be 0.
+        if dt > 0 and got > 0 and (req.size - req.pos) * dt <= req.lead * got:
+            cb, req.on_drain = req.on_drain, None
+            try:
+                cb()  # type: ignore[misc]
+            except Exception:  # a notice is a hint: it must never fail the fetch
+                log.exception("drain notice for a fetch from %s failed", self.peer)
 
     def _feed(self, req: _Request, data: memoryview) -> None:
         req.got_any = True
@@ -263,6 +345,8 @@ class _Conn(asyncio.BufferedProtocol):
             off += w
         req.pos += n
         self.pool.stats.bytes_received += n
+        if req.on_drain is not None and req.pos < req.size:
+            self._maybe_drain(req)
         limiter = self.pool.limiter
         if limiter is not None:
             delay = limiter.debit(n)
@@ -276,6 +360,8 @@ class _Conn(asyncio.BufferedProtocol):
 
     def _resume(self) -> None:
         self._paused = False
+        if self.req is not None:
+            self.req.last_rx = self._loop.time()  # the stall clock restarts from our resume
         if self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
@@ -288,19 +374,33 @@ class _Conn(asyncio.BufferedProtocol):
 
 
 class PeerPool:
-    """Keep-alive connections to peers and the fetch that uses them."""
+    """Keep-alive connections to peers and the fetch that uses them.
 
-    def __init__(self, token: str = "", connect_timeout: float = 5.0,
+    Idle connections are kept per peer, newest reused first, so most fetches
+    skip the TCP (and TLS) handshake.  When the pool is full, the connection
+    idle the longest goes, not the one just used: the peers of the current
+    job stay warm.  A connection idle over ``max_idle_age`` is dropped rather
+    than reused, ahead of the peer's own idle timeout (``idle_timeout``, 120 s
+    by default), so a reuse rarely races the peer's hang-up; when it does, the
+    fetch retries once on a new connection.
+    """
+
+    def __init__(self, token: str = "", connect_timeout: float = 1.0,
                  limiter: RateLimiter | None = None, max_idle_per_peer: int = 4,
-                 max_idle: int = 64, ssl: ssl_module.SSLContext | None = None) -> None:
+                 max_idle: int = 64, ssl: ssl_module.SSLContext | None = None,
+                 stall_timeout: float = 10.0, drain_lead: float = 0.0,
+                 max_idle_age: float = 60.0) -> None:
         self.token = token
         # TLS to peers (the cluster serves HTTPS): the handshake counts against
         # connect_timeout, and the body still lands in the one reusable buffer.
         self.ssl = ssl
         self.connect_timeout = connect_timeout
+        self.stall_timeout = stall_timeout  # 0: no stall watch (only the overall timeout)
+        self.drain_lead = drain_lead  # 0: never call on_drain
         self.limiter = limiter if limiter is not None and limiter.enabled else None
         self.max_idle_per_peer = max_idle_per_peer
         self.max_idle = max_idle
+        self.max_idle_age = max_idle_age
         self.stats = FetchStats()
         self._idle: dict[str, deque[_Conn]] = {}
         self._closed = False
@@ -334,35 +434,60 @@ class PeerPool:
 
     def _take_idle(self, peer: str) -> _Conn | None:
         q = self._idle.get(peer)
+        if not q:
+            return None
+        now = asyncio.get_running_loop().time()
         while q:
-            c = q.pop()
-            if not c.lost and c.transport is not None and not c.transport.is_closing():
+            c = q.pop()  # the newest: the least likely to have been closed by the peer
+            if (not c.lost and c.transport is not None and not c.transport.is_closing()
+                    and now - c.idle_since < self.max_idle_age):
+                if not q:
+                    del self._idle[peer]
                 return c
             c.close()
+        del self._idle[peer]
         return None
 
     def _give_back(self, conn: _Conn) -> None:
-        if self._closed or conn.lost or self.idle_count() >= self.max_idle:
+        conn.req = None
+        if self._closed or conn.lost:
             conn.close()
             return
+        conn.idle_since = asyncio.get_running_loop().time()
         q = self._idle.setdefault(conn.peer, deque())
         if len(q) >= self.max_idle_per_peer:
-            conn.close()
-            return
-        conn.req = None
+            q.popleft().close()  # this peer's oldest idle connection
+        elif self.idle_count() >= self.max_idle:
+            self._evict_oldest()
         q.append(conn)
 
+    def _evict_oldest(self) -> None:
+        """Close the connection idle the longest, whichever peer it goes to."""
+        peer = min((p for p, q in self._idle.items() if q),
+                   key=lambda p: self._idle[p][0].idle_since, default=None)
+        if peer is None:
+            return
+        q = self._idle[peer]
+        q.popleft().close()
+        if not q:
+            del self._idle[peer]
+
     async def fetch(self, peer: str, job: str, file: int, chunk: int, size: int, xxh3: str,
-                    fd: int, offset: int, timeout: float) -> int:
+                    fd: int, offset: int, timeout: float,
+                    on_drain: Callable[[], None] | None = None) -> int:
         """Fetch one chunk from ``peer`` into ``fd`` at ``offset``; return its size.
 
         Raises FetchError (kind in ``fdship.protocol.FAIL_KINDS``) unless the
         bytes arrived complete and hash to ``xxh3``.  Bytes of a failed fetch
         may have been written; they are never marked verified by the caller.
+        ``on_drain`` is called at most once, synchronously from the read path,
+        when the rest of the body should arrive within ``drain_lead`` seconds
+        (never when the whole body arrives in one read); it must not block.
         """
         self.stats.in_flight += 1
         try:
-            n = await self._fetch(peer, job, file, chunk, size, xxh3, fd, offset, timeout)
+            n = await self._fetch(peer, job, file, chunk, size, xxh3, fd, offset, timeout,
+                                  on_drain)
         except FetchError as e:
             self.stats.failed(e.kind)
             raise
@@ -372,7 +497,8 @@ class PeerPool:
         return n
 
     async def _fetch(self, peer: str, job: str, file: int, chunk: int, size: int, xxh3: str,
-                     fd: int, offset: int, timeout: float) -> int:
+                     fd: int, offset: int, timeout: float,
+                     on_drain: Callable[[], None] | None) -> int:
         if self._closed:
             raise FetchError(FAIL_CONNECT, "the peer pool is closed")
         target = (f"{DAEMON_DOWNLOAD}?job={quote(job, safe='')}&file={int(file)}"
@@ -399,10 +525,9 @@ class PeerPool:
                     else:
                         self.stats.connections_reused += 1
                     fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-                    req = _Request(peer, fd, offset, size, xxh3, fut)
-                    conn.req = req
-                    assert conn.transport is not None
-                    conn.transport.write(request)
+                    req = _Request(peer, fd, offset, size, xxh3, fut, on_drain,
+                                   self.drain_lead)
+                    conn.send(req, request)
                     try:
                         n = await fut
                     except FetchError as e:
@@ -410,6 +535,10 @@ class PeerPool:
                             conn = None
                             continue
                         raise
+                    finally:
+                        if req.stall_handle is not None:
+                            req.stall_handle.cancel()
+                            req.stall_handle = None
                     if req.keep_alive:
                         self._give_back(conn)
                     else:
