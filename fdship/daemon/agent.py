@@ -356,7 +356,8 @@ class Daemon:
 
     # ------------------------------------------------------------------ drain notices
 
-    def _drain_notice(self, job: str, f: P.Fetch, release: Callable[[], None]) -> Callable[[], None]:
+    def _drain_notice(self, job: str, f: P.Fetch,
+                      release: Callable[[], None]) -> Callable[[], None]:
         """The ``on_drain`` of one fetch: free its download slot and tell the center.
 
         Called from the fetch's read path, so it only queues; the center frees

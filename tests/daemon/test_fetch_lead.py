@@ -76,7 +76,7 @@ class Trickle:
                 line = await reader.readline()
                 if not line:
                     return
-                while (h := await reader.readline()) not in (b"\r\n", b""):
+                while await reader.readline() not in (b"\r\n", b""):
                     pass
                 chunk = int(parse_qs(urlsplit(line.split()[1].decode()).query)["chunk"][0])
                 self.gets.append((chunk, loop.time()))
