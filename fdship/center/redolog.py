@@ -48,7 +48,11 @@ What a crash leaves, and why replay is right:
   and fsync) and replays the complete frames; those were never answered, and
   replaying them is no different from having answered them just before the
   crash.  ``open`` then fdatasyncs the segment once, so the state the center
-  rebuilds never rests on bytes a later power cut could take back.
+  rebuilds never rests on bytes a later power cut could take back.  A torn
+  tail is only one damaged *last* frame followed by nothing or by zeros (see
+  ``fdship.core.records``): damage followed by a valid frame, or by any other
+  bytes, is what a disk or a stray writer does to records that may have been
+  synced long ago, and ``open`` refuses to start on it instead of cutting.
 * Crash while rolling: the old segment was fsynced before the new file was
   created, so the old one is complete; the new one is empty or holds a torn
   first frame, handled as above.  Only the newest segment may have a torn tail;
@@ -431,8 +435,10 @@ class RedoLog:
                 truncated = problem.torn_bytes
                 notes.append(
                     f"cut a torn tail of {truncated} bytes off {path} at byte "
-                    f"{problem.offset - start} ({problem.reason}): a crash interrupted a write "
-                    "that had not been synced, so nothing acknowledged was lost"
+                    f"{problem.offset - start} ({problem.reason}): the newest segment ended "
+                    "in one damaged last record followed by nothing but zeros, which is what "
+                    "a crash in the middle of an append leaves; that record had not been "
+                    "synced, so nothing acknowledged was lost"
                 )
                 end = problem.offset
             else:
@@ -470,7 +476,14 @@ class RedoLog:
     def _corrupt_error(self, path: str, start: int, problem: Problem,
                        later: list[int]) -> LogCorruptError:
         offset = problem.offset - start
-        if problem.kind is ProblemKind.CORRUPT:
+        if problem.kind is ProblemKind.CORRUPT and problem.stray_offset is not None:
+            stray = problem.stray_offset - start
+            what = (f"{problem.reason}, and the {problem.stream_end - problem.stray_offset} "
+                    f"bytes from byte {stray} to the end of the file are neither records nor "
+                    "zero padding (a crash in the middle of an append leaves one partial last "
+                    "record, then at most zeros; this is damage to records that may have been "
+                    "synced)")
+        elif problem.kind is ProblemKind.CORRUPT:
             where = (f"byte {problem.resume_offset - start}"
                      if problem.resume_offset is not None and problem.resume_offset > problem.offset
                      else "the same byte")

@@ -29,43 +29,58 @@ Telling a torn tail from corruption
 -----------------------------------
 The decoder reads frames in order from a known frame boundary (the start of a
 segment, or a checkpoint's LSN).  The first frame that is incomplete or fails
-any check is the *bad frame*, at offset P.  Then:
+any check is the *bad frame*, at offset P.  A torn tail is only what a crash in
+the middle of an append can leave: one partial or damaged *last* frame, then
+nothing, or nothing but zeros.  Everything else is corruption.  Concretely:
 
-* Where the scan for more frames starts: if the bad frame's header is valid
-  (magic, version, reserved byte, header checksum and a length within limits
-  all check out) its length is trusted and the scan starts at the end of that
-  frame; the payload is opaque and is never searched.  If the header itself is
-  bad or incomplete, the length cannot be trusted and the scan starts at P + 1.
-* From there the decoder looks at every later position for a *valid header*:
-  the magic and a matching header checksum (a false match is a 1 in 2**32
-  event even in random bytes, and the magic cannot occur in JSON).  A header
-  that passes its checksum but carries an unknown version or an impossible
-  length was written by someone, not torn, so the scan starts on it and finds
-  it: that frame is reported as corruption, never cut off as a torn tail.
-* If one is found, the problem is ``CORRUPT`` at P: something that had been
-  written after the bad frame survived while the bad frame did not, which a
-  crash while appending cannot produce.
-* If none is found up to the end of the data, the problem is ``TORN`` at P: the
-  data ends in a frame that was cut short (a process killed in the middle of
-  ``write``, or a machine that lost power before the file's last pages were
-  written, which leaves the tail short, zero-filled, or partly written).
+* The bad frame's *reach*: if its header is valid (magic, version, reserved
+  byte, header checksum and a length within limits all check out) its length
+  is trusted and the frame reaches to P + HEADER_SIZE + length; its payload is
+  opaque and is never searched.  If the header itself is bad or incomplete, the
+  length cannot be trusted and the frame reaches only over its HEADER_SIZE
+  header bytes.
+* The decoder looks at every position after P (after the reach, for a valid
+  header) for a *valid header*: the magic and a matching header checksum (a
+  false match is a 1 in 2**32 event even in random bytes, and the magic cannot
+  occur in JSON).  A header that passes its checksum but carries an unknown
+  version or an impossible length was written by someone, not torn, so the scan
+  starts on it and finds it: that frame is reported as corruption, never cut
+  off as a torn tail.  If one is found, the problem is ``CORRUPT`` at P with
+  ``resume_offset`` there: something written after the bad frame survived
+  while the bad frame did not, which a crash while appending cannot produce.
+* Otherwise, if any byte past the reach is not zero, the problem is
+  ``CORRUPT`` at P with ``stray_offset`` at that byte: data that is neither a
+  record nor the zeros of never-written blocks follows the bad frame.  This is
+  what random bytes written over a stretch of the log that runs to its end
+  look like (disk damage, a stray write by another program): the records they
+  cover may have been synced long ago, so they are never cut off silently.
+* Otherwise the problem is ``TORN`` at P: the data ends inside the bad frame,
+  or in zeros after it -- a process killed in the middle of ``write``, or a
+  machine that lost power before the file's last pages were written, which
+  leaves the tail short, zero-filled, or partly written.
 
 Why that is safe: the log is append-only and each frame is written with one
 ``write`` at the end of the file.  A crash can damage only bytes that were
 written after the last fsync, and those are all at the end of the file, so
-everything the crash damaged is a suffix.  A torn tail therefore never has a
-valid frame after it, and cutting the file at P loses only records that were
-never reported durable (``RedoLog.sync`` had not returned for them).
-Conversely, whenever valid data follows a bad frame, the bad frame cannot be a
-crash artefact of a sequential writer, so the decoder refuses to guess: it
-reports corruption and the operator decides.  The rule errs on the strict
-side: after a power cut, a filesystem may write the pages of *unsynced* data
-out of order and leave a hole before a surviving later frame.  That case is
-reported as corruption too -- the center then refuses to start with a message
-saying what to do -- rather than ever dropping a record that may have been
-acknowledged.  ``fdship.center.redolog`` adds one more rule the codec cannot
-see: only the newest segment may have a torn tail, since older ones were
-fsynced before the next was begun.
+everything the crash damaged is a suffix.  A killed process leaves a prefix of
+its last frame; a power cut can also leave blocks that read as zeros.  Neither
+leaves a valid frame, or bytes that are not zeros, after a bad frame.  Cutting
+the file at P therefore loses only the one damaged last frame, which a crash
+can only have left behind if it was never reported durable (``RedoLog.sync``
+had not returned for it).  The codec cannot tell a frame a crash tore from a
+last frame the disk damaged after it was synced: the length of the log at the
+last fsync is not stored anywhere (storing it would cost a second fsync per
+group commit).  Confining a torn tail to one last frame bounds what such
+damage can cost to that one record; anything larger is refused.
+
+The rule errs on the strict side: after a power cut, a filesystem may write
+the pages of *unsynced* data out of order and leave a hole before a surviving
+later frame or the middle of a long one.  That case is reported as corruption
+too -- the center then refuses to start with a message saying what to do --
+rather than ever dropping a record that may have been acknowledged.
+``fdship.center.redolog`` adds one more rule the codec cannot see: only the
+newest segment may have a torn tail, since older ones were fsynced before the
+next was begun.
 
 Checkpoint file
 ---------------
@@ -133,8 +148,10 @@ class Problem:
 
     ``offset`` is the absolute offset of the bad frame, i.e. where the good
     data ends.  ``stream_end`` is the absolute offset just past the last byte
-    seen, so a torn tail covers ``stream_end - offset`` bytes.  For CORRUPT,
-    ``resume_offset`` is where the next valid-looking frame header was found.
+    seen, so a torn tail covers ``stream_end - offset`` bytes.  A CORRUPT
+    problem carries its evidence: ``resume_offset``, where a valid frame header
+    follows the bad frame, or else ``stray_offset``, the first byte past the
+    bad frame's reach that is not zero (see the module docstring).
     """
 
     kind: ProblemKind
@@ -142,6 +159,7 @@ class Problem:
     reason: str
     stream_end: int
     resume_offset: int | None = None
+    stray_offset: int | None = None
 
     @property
     def torn_bytes(self) -> int:
@@ -196,8 +214,9 @@ class FrameDecoder:
     complete yet (header plus at most ``max_payload`` bytes) or, once a bad
     frame has been found, fewer than HEADER_SIZE bytes of look-ahead.  After
     the first bad frame no more records are returned; the decoder only looks
-    for a valid header to decide between a torn tail and corruption (see the
-    module docstring).  Once corruption is certain further input is ignored.
+    for a valid header, and for bytes that are not zero past the bad frame's
+    reach, to decide between a torn tail and corruption (see the module
+    docstring).  Once a valid header is found further input is ignored.
     """
 
     _PARSE, _SCAN, _DONE = range(3)
@@ -212,7 +231,9 @@ class FrameDecoder:
         self._bad_offset = 0
         self._bad_reason = ""
         self._skip = 0  # bytes still to pass over before the scan may look
+        self._reach = 0  # absolute offset the bad frame reaches to; only zeros may follow
         self._resume: int | None = None  # where a valid header follows the bad frame
+        self._stray: int | None = None  # first byte past the reach that is not zero
         self._problem: Problem | None = None
         self._finished = False
 
@@ -243,9 +264,17 @@ class FrameDecoder:
         if self._mode == self._SCAN:
             self._scan()
         if self._mode == self._SCAN:
-            # Nothing valid after the bad frame, up to the very end: torn tail.
-            self._problem = Problem(ProblemKind.TORN, self._bad_offset, self._bad_reason,
-                                    stream_end=self._seen)
+            # No valid header after the bad frame: the bytes held back in case
+            # one started there are the last to check for stray data.
+            self._pass(len(self._buf))
+            if self._stray is None:
+                # The data ends inside the bad frame or in zeros after it: torn tail.
+                self._problem = Problem(ProblemKind.TORN, self._bad_offset, self._bad_reason,
+                                        stream_end=self._seen)
+            else:
+                self._problem = Problem(ProblemKind.CORRUPT, self._bad_offset,
+                                        self._bad_reason, stream_end=self._seen,
+                                        stray_offset=self._stray)
         elif self._resume is not None:
             self._problem = Problem(ProblemKind.CORRUPT, self._bad_offset, self._bad_reason,
                                     stream_end=self._seen, resume_offset=self._resume)
@@ -307,18 +336,37 @@ class FrameDecoder:
             self._pos += n
 
     def _to_scan(self, reason: str, skip: int) -> None:
-        """The frame at the start of the buffer is bad; look past its first ``skip`` bytes."""
+        """The frame at the start of the buffer is bad; look past its first ``skip`` bytes.
+
+        ``skip`` is the frame's length for a trusted header, and then also its
+        reach; an untrusted header reaches over its own HEADER_SIZE bytes only.
+        """
         self._mode = self._SCAN
         self._bad_offset = self._pos
         self._bad_reason = reason
         self._end = self._pos
         self._skip = skip
+        self._reach = self._pos + max(skip, HEADER_SIZE)
+
+    def _pass(self, n: int) -> None:
+        """Drop ``n`` bytes after the bad frame, noting the first stray one past its reach.
+
+        A crash leaves nothing but zeros (blocks never written) after the frame
+        it tore, so any other byte there is evidence of damage.
+        """
+        if n and self._stray is None and self._pos + n > self._reach:
+            lo = max(0, self._reach - self._pos)
+            with memoryview(self._buf)[lo:n] as tail:
+                rest = bytes(tail).lstrip(b"\0")
+            if rest:
+                self._stray = self._pos + n - len(rest)
+        self._consume(n)
 
     def _scan(self) -> None:
         """Look for a valid header after the bad frame; keep only what may start one."""
         if self._skip:
             n = min(self._skip, len(self._buf))
-            self._consume(n)
+            self._pass(n)
             self._skip -= n
             if self._skip:
                 return
@@ -344,7 +392,7 @@ class FrameDecoder:
         if self._mode == self._DONE:
             self._buf = bytearray()
         else:
-            self._consume(i)
+            self._pass(i)
 
 
 def decode_stream(buf: bytes | bytearray | memoryview,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import struct
 
 import pytest
@@ -141,27 +142,161 @@ def test_flip_followed_by_valid_records_is_corruption(payloads: list[bytes],
     assert [r.payload for r in recs] == payloads[:victim]
 
 
+def garble(blob: bytes, start: int, stop: int, seed: int) -> bytes:
+    """``blob`` with bytes [start, stop) replaced by random ones, each different from the
+    byte it replaces and never zero (so it can pass neither for the original nor for the
+    zeros of a block that was never written)."""
+    rnd = random.Random(seed)
+    out = bytearray(blob)
+    for i in range(start, stop):
+        d = rnd.randrange(1, 256)
+        out[i] = blob[i] ^ d if blob[i] ^ d else blob[i] ^ (d % 255 + 1)
+    return bytes(out)
+
+
 @SETTINGS
 @given(payload_lists, st.data())
-def test_flip_in_last_record_is_torn(payloads: list[bytes], data: st.DataObject) -> None:
+def test_flip_in_last_record_payload_is_torn(payloads: list[bytes], data: st.DataObject) -> None:
+    """The last frame's header holds, so its reach is known and nothing follows it."""
+    payloads = payloads + [b"last record"]
     blob, starts = frames_of(payloads)
-    pos = data.draw(st.integers(starts[-2], starts[-1] - 1))
+    pos = data.draw(st.integers(starts[-2] + HEADER_SIZE, starts[-1] - 1))
     damaged = bytearray(blob)
     damaged[pos] ^= 1 << data.draw(st.integers(0, 7))
     recs, end, problem = decode_stream(bytes(damaged), 0)
     assert problem is not None and problem.kind is ProblemKind.TORN
     assert problem.offset == starts[-2] == end
+    assert problem.torn_bytes == len(encode(b"last record"))
     assert [r.payload for r in recs] == payloads[:-1]
+
+
+@SETTINGS
+@given(payload_lists, st.data())
+def test_flip_in_last_record_header_before_its_payload_is_corruption(
+        payloads: list[bytes], data: st.DataObject) -> None:
+    """A whole header that fails its checksum, with payload bytes after it: a killed writer
+    leaves a prefix of its frame, never that, so the record is not cut off."""
+    payloads = payloads + [b"last record"]
+    blob, starts = frames_of(payloads)
+    pos = data.draw(st.integers(starts[-2], starts[-2] + HEADER_SIZE - 1))
+    damaged = bytearray(blob)
+    damaged[pos] ^= 1 << data.draw(st.integers(0, 7))
+    recs, end, problem = decode_stream(bytes(damaged), 0)
+    assert problem is not None and problem.kind is ProblemKind.CORRUPT
+    assert problem.offset == starts[-2] == end
+    assert problem.resume_offset is None
+    assert problem.stray_offset == starts[-2] + HEADER_SIZE  # the payload's first byte
+    assert [r.payload for r in recs] == payloads[:-1]
+
+
+@SETTINGS
+@given(payload_lists, st.data())
+def test_garbage_from_a_record_to_the_end_is_corruption(payloads: list[bytes],
+                                                        data: st.DataObject) -> None:
+    """Random bytes over the log from inside any record but the last one up to the end:
+    no valid frame follows, yet it is not a torn tail, because the bytes past the damaged
+    record are neither records nor zeros.  The records they cover may have been synced."""
+    payloads = payloads + [b"tail record"]
+    blob, starts = frames_of(payloads)
+    victim = data.draw(st.integers(0, len(payloads) - 2))
+    pos = data.draw(st.integers(starts[victim], starts[victim + 1] - 1))
+    damaged = garble(blob, pos, len(blob), data.draw(st.integers(0, 2**32)))
+    recs, end, problem = decode_stream(damaged, 0)
+    assert problem is not None and problem.kind is ProblemKind.CORRUPT, problem
+    assert problem.offset == starts[victim] == end
+    assert problem.resume_offset is None
+    assert problem.stray_offset is not None
+    assert problem.offset < problem.stray_offset <= starts[victim + 1] + HEADER_SIZE
+    assert problem.stream_end == len(blob)
+    assert [r.payload for r in recs] == payloads[:victim]
+
+
+@SETTINGS
+@given(payload_lists, st.data())
+def test_garbage_over_a_stretch_with_records_after_it_is_corruption(
+        payloads: list[bytes], data: st.DataObject) -> None:
+    payloads = payloads + [b"record after the damage"]
+    blob, starts = frames_of(payloads)
+    victim = data.draw(st.integers(0, len(payloads) - 2))
+    pos = data.draw(st.integers(starts[victim], starts[victim + 1] - 1))
+    stop = data.draw(st.integers(pos + 1, starts[-2]))  # the last record survives whole
+    damaged = garble(blob, pos, stop, data.draw(st.integers(0, 2**32)))
+    recs, end, problem = decode_stream(damaged, 0)
+    assert problem is not None and problem.kind is ProblemKind.CORRUPT
+    assert problem.offset == starts[victim] == end
+    # The scan finds the surviving last record (or an earlier one) again.
+    assert problem.resume_offset is not None
+    assert problem.offset < problem.resume_offset <= starts[-2]
+    assert [r.payload for r in recs] == payloads[:victim]
+
+
+@SETTINGS
+@given(payload_lists, st.data())
+def test_a_short_tail_of_anything_is_torn(payloads: list[bytes], data: st.DataObject) -> None:
+    """Fewer bytes than a header after the last good record: nothing there can be judged,
+    and it is all a killed writer can have left of a header."""
+    blob, _ = frames_of(payloads)
+    tail = data.draw(st.binary(min_size=1, max_size=HEADER_SIZE - 1))
+    recs, end, problem = decode_stream(blob + tail, 0)
+    assert problem is not None and problem.kind is ProblemKind.TORN
+    assert problem.offset == end == len(blob) and problem.torn_bytes == len(tail)
+    assert [r.payload for r in recs] == payloads
+
+
+@SETTINGS
+@given(payload_lists, st.data())
+def test_a_partial_last_frame_with_garbled_payload_is_torn(payloads: list[bytes],
+                                                           data: st.DataObject) -> None:
+    """A valid header whose payload the data ends inside: whatever the payload bytes are,
+    the record was never complete."""
+    blob, _ = frames_of(payloads)
+    last = encode(bytes(range(200)))
+    cut = data.draw(st.integers(HEADER_SIZE + 1, len(last) - 1))
+    partial = garble(last, HEADER_SIZE, cut, data.draw(st.integers(0, 2**32)))[:cut]
+    recs, end, problem = decode_stream(blob + partial, 0)
+    assert problem is not None and problem.kind is ProblemKind.TORN
+    assert problem.offset == end == len(blob) and problem.torn_bytes == cut
+    assert "incomplete record payload" in problem.reason
+    assert [r.payload for r in recs] == payloads
+
+
+@SETTINGS
+@given(payload_lists, st.data())
+def test_a_zero_hole_then_stray_bytes_is_corruption(payloads: list[bytes],
+                                                    data: st.DataObject) -> None:
+    """Zeros (a block never written) followed by bytes that are not zeros: a power cut that
+    wrote pages out of order, or damage.  Either way not provably unacknowledged."""
+    blob, _ = frames_of(payloads)
+    hole = data.draw(st.integers(HEADER_SIZE, 5000))
+    junk = data.draw(st.binary(min_size=1, max_size=100).filter(lambda b: any(b)))
+    recs, end, problem = decode_stream(blob + bytes(hole) + junk, 0)
+    assert problem is not None and problem.kind is ProblemKind.CORRUPT
+    assert problem.offset == end == len(blob)
+    assert problem.stray_offset == len(blob) + hole + (len(junk) - len(junk.lstrip(b"\0")))
+    assert [r.payload for r in recs] == payloads
 
 
 @SETTINGS
 @given(payload_lists, st.data())
 def test_classification_does_not_depend_on_feed_sizes(payloads: list[bytes],
                                                       data: st.DataObject) -> None:
+    """Whatever the damage (a flip, a short tail, zeros, garbage, or zeros then garbage),
+    feeding the bytes in pieces of any size gives the same answer as feeding them whole."""
     payloads = payloads + [b"x"]
     blob, _ = frames_of(payloads)
     damaged = bytearray(blob)
     damaged[data.draw(st.integers(0, len(blob) - 1))] ^= 0x40
+    kind = data.draw(st.sampled_from(["flip", "short", "zeros", "garbage", "hole"]))
+    rnd = random.Random(data.draw(st.integers(0, 2**32)))
+    if kind == "short":
+        damaged = bytearray(blob) + rnd.randbytes(rnd.randrange(1, HEADER_SIZE))
+    elif kind == "zeros":
+        damaged = bytearray(blob[: rnd.randrange(len(blob))]) + bytes(rnd.randrange(1, 300))
+    elif kind == "garbage":
+        damaged = bytearray(garble(blob, rnd.randrange(len(blob)), len(blob),
+                                    rnd.randrange(2**32)))
+    elif kind == "hole":
+        damaged = bytearray(blob) + bytes(rnd.randrange(300)) + b"\xfd" + rnd.randbytes(40)
     whole = decode_stream(bytes(damaged), 3)
     decoder = FrameDecoder(3)
     got = []
