@@ -454,12 +454,11 @@ class PeerPool:
             conn.close()
             return
         conn.idle_since = asyncio.get_running_loop().time()
-        q = self._idle.setdefault(conn.peer, deque())
-        if len(q) >= self.max_idle_per_peer:
-            q.popleft().close()  # this peer's oldest idle connection
+        if len(self._idle.get(conn.peer, ())) >= self.max_idle_per_peer:
+            self._idle[conn.peer].popleft().close()  # this peer's oldest idle connection
         elif self.idle_count() >= self.max_idle:
-            self._evict_oldest()
-        q.append(conn)
+            self._evict_oldest()  # may empty (and drop) this peer's queue
+        self._idle.setdefault(conn.peer, deque()).append(conn)
 
     def _evict_oldest(self) -> None:
         """Close the connection idle the longest, whichever peer it goes to."""

@@ -379,6 +379,27 @@ def test_pool_keeps_the_most_recent_peers_warm(tmp_path: Path) -> None:
     run(main())
 
 
+def test_full_pool_keeps_the_connection_just_returned(tmp_path: Path) -> None:
+    """Room for one idle connection, two fetches from one peer at once: the second
+    connection to come back replaces the first (evicted as the oldest) and is the
+    one the next fetch reuses."""
+    body = blob(64 * KiB, 13)
+
+    async def main() -> None:
+        async with Trickle({0: body}, piece=16 * KiB, gap=0.01).running() as peer:
+            pool = PeerPool(max_idle=1)
+            await asyncio.gather(fetch_once(pool, peer.address, body, tmp_path / "a"),
+                                 fetch_once(pool, peer.address, body, tmp_path / "b"))
+            assert pool.stats.connections_opened == 2
+            assert pool.idle_count() == 1 and pool.idle_count(peer.address) == 1
+            await fetch_once(pool, peer.address, body, tmp_path / "c")
+            assert (pool.stats.connections_opened, pool.stats.connections_reused) == (2, 1)
+            await pool.close()
+        assert peer.connections == 2
+
+    run(main())
+
+
 def test_idle_connection_older_than_max_idle_age_is_not_reused(tmp_path: Path) -> None:
     body = blob(16 * KiB, 10)
 
