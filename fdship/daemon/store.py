@@ -20,6 +20,23 @@ Layout under ``data_dir`` (internal; may change between versions)::
     jobs/JOB/stage-N.json           staging manifest of file N (dest, size, hash, temp path)
     jobs/JOB/stage-N.chunks         append-only log of chunks verified since the manifest
 
+Where writes may go.  Every destination directory is reached from an
+*allowed directory* (one of ``allow_dest``, or ``--root`` when it is not ``/``)
+by opening one component at a time with ``O_NOFOLLOW`` relative to the
+directory opened before it; the temp file is created, and renamed onto the
+final name, relative to the directory descriptor so reached.  A local user who
+can write inside an allowed directory and swaps one of its subdirectories for
+a symbolic link therefore cannot redirect a write: the walk refuses the link,
+and a swap after the walk changes nothing, since no path is looked up again.
+The allowed directories themselves are resolved once, when the store is made,
+as the daemon resolves them for its own checks.  With root ``/`` and no
+``allow_dest`` nothing is confined, and links on the way are followed.
+
+Which sources may be shipped.  A hard link inside ``allow_source`` is another
+name for a file that may live anywhere on the same file system, so a source
+with more than one link is refused while sources are confined, unless the
+store was made with ``allow_hardlinked_sources``.
+
 Durability is spent only where it buys something.  Snapshots, manifests and
 the chunk log are never fsynced: after a crash :meth:`Store.open` re-hashes
 every chunk it claims to hold and forgets those that no longer match, so a
@@ -40,8 +57,9 @@ import shutil
 import stat
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import xxhash
 
@@ -61,6 +79,9 @@ _HEX_RE = re.compile(r"^[0-9a-f]{16}$")
 
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+# How a directory on the way to a destination is opened: read-only (enough for
+# openat, renameat and fsync), never a link.
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC
 
 
 def _mib(n: int) -> str:
@@ -128,12 +149,12 @@ def _atomic_json(path: str, obj: Any) -> None:
     os.rename(tmp, path)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _under(path: str, directory: str) -> bool:
+    return directory == "/" or path == directory or path.startswith(directory + "/")
+
+
+def _components(path: str) -> list[str]:
+    return [p for p in path.split("/") if p and p != "."]
 
 
 def _fd_path(fd: int) -> str:
@@ -157,6 +178,19 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _unlink_at(dfd: int, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=dfd)
+    except FileNotFoundError:
+        pass
+
+
+def _free_in(dfd: int) -> int:
+    """Bytes available to an unprivileged writer in the open directory ``dfd``."""
+    st = os.fstatvfs(dfd)
+    return st.f_bavail * st.f_frsize
 
 
 def _kind(mode: int) -> str:
@@ -224,12 +258,14 @@ class Staging:
 
     ``write_fd`` is open read-write for ``os.pwrite`` by the fetcher; after
     :meth:`Store.pack` the same fd keeps the installed inode open so peers can
-    still be served from it.
+    still be served from it.  ``_dir_fd`` is the directory the temp file was
+    created in, kept until the install only to remove the temp file should the
+    job be dropped (its path may lead elsewhere by then).
     """
 
     def __init__(self, store: Store, job: str, file: int, dest: str, final_path: str,
                  temp_path: str, size: int, xxh3: str, chunk_size: int, write_fd: int,
-                 log_fd: int, created_dirs: list[str]) -> None:
+                 log_fd: int, created_dirs: list[str], dir_fd: int = -1) -> None:
         self._store = store
         self.job = job
         self.file = file
@@ -241,6 +277,7 @@ class Staging:
         self.chunk_size = chunk_size
         self.write_fd = write_fd
         self._log_fd = log_fd
+        self._dir_fd = dir_fd
         self.created_dirs = created_dirs  # parents we made, fsynced at pack time
         self.verified: dict[int, str] = {}
         self.packed = False
@@ -299,8 +336,10 @@ class Staging:
     def _close(self) -> None:
         _close(self.write_fd)
         _close(self._log_fd)
+        _close(self._dir_fd)
         self.write_fd = -1
         self._log_fd = -1
+        self._dir_fd = -1
 
 
 # --- the store ---------------------------------------------------------------------------
@@ -309,11 +348,24 @@ class Staging:
 class Store:
     """A daemon's chunk store and staging area.  Call :meth:`open` before anything else."""
 
-    def __init__(self, data_dir: str, root: str = "/") -> None:
+    def __init__(self, data_dir: str, root: str = "/", allow_dest: Sequence[str] = (),
+                 allow_hardlinked_sources: bool = False) -> None:
         if not os.path.isabs(root):
             raise BadRequest(f"root {root!r} must be an absolute path")
         self.data_dir = os.path.abspath(data_dir)
         self.root = os.path.normpath(root)
+        self.allow_dest = list(allow_dest)
+        self.allow_hardlinked_sources = allow_hardlinked_sources
+        # The directories every write must stay inside, resolved once (like the
+        # daemon's own checks): below them no link is followed.  None: nothing
+        # is confined (root "/" and no allow_dest), links are followed as usual.
+        root_real = os.path.realpath(self.root)
+        bounds = [os.path.realpath(d) for d in allow_dest] if allow_dest else [root_real]
+        # Everything is written under the root: an allowed directory outside it
+        # can hold no destination (the daemon warns about it at start).
+        bounds = [b for b in bounds if _under(b, root_real)]
+        self._bounds: list[str] | None = (
+            None if "/" in bounds else sorted(set(bounds), key=len))
         self._pending_dir = os.path.join(self.data_dir, "pending")
         self._jobs_dir = os.path.join(self.data_dir, "jobs")
         # Guards the indexes below.  The event loop reads them (chunk_source,
@@ -405,21 +457,28 @@ class Store:
         log_path = meta_path[:-len(".json")] + ".chunks"
         claimed: dict[int, str] = {int(k): v for k, v in m.get("chunks", {}).items()}
         path = m["final_path"] if packed else m["temp_path"]
+        if os.path.dirname(path) != os.path.dirname(m["final_path"]):
+            raise ValueError(f"temp file {path} is not beside {m['final_path']}")
         try:
-            flags = (os.O_RDONLY if packed else os.O_RDWR) | _O_CLOEXEC | _O_NOFOLLOW
-            fd = os.open(path, flags | os.O_NONBLOCK)
-        except OSError as e:
-            # The temp file vanished (or the installed file was replaced by
-            # something we must not follow): nothing left to offer.  The center
-            # re-sends the pull, which opens a fresh staging.
+            flags = (os.O_RDONLY if packed else os.O_RDWR) | os.O_NONBLOCK
+            fd, dfd = self._open_at_final(path, flags)
+        except (OSError, LocalIOError) as e:
+            # The temp file vanished (or the installed file, or a directory on
+            # the way, was replaced by something we must not follow): nothing
+            # left to offer.  The center re-sends the pull, which opens a fresh
+            # staging.
             log.info("staging %s of job %s file %d is gone (%s); forgetting it", path, job,
-                     file, e.strerror)
+                     file, getattr(e, "strerror", None) or e)
             _unlink(meta_path)
             _unlink(log_path)
             return
+        if packed:
+            os.close(dfd)  # nothing left to clean up beside an installed file
+            dfd = -1
         st_ = os.fstat(fd)
         if not stat.S_ISREG(st_.st_mode) or st_.st_size != size:
             os.close(fd)
+            _close(dfd)
             _unlink(meta_path)
             _unlink(log_path)
             return
@@ -436,7 +495,7 @@ class Store:
         st = Staging(self, job=job, file=file, dest=m["dest"], final_path=m["final_path"],
                      temp_path=m["temp_path"], size=size, xxh3=m["xxh3"],
                      chunk_size=chunk_size, write_fd=fd, log_fd=-1,
-                     created_dirs=list(m.get("created_dirs", [])))
+                     created_dirs=list(m.get("created_dirs", [])), dir_fd=dfd)
         st.packed = packed
         n = st.nchunks
         for c, want in claimed.items():
@@ -466,6 +525,13 @@ class Store:
         exactly the bytes copied, so a concurrent edit of the source can only
         change what the snapshot contains, never make it disagree with its own
         hashes.  Later edits do not reach the copy at all.
+
+        ``allowed`` judges the resolved path of the file actually opened, and
+        like a set of allowed directories it allows whatever lies below a path
+        it allows.  When it confines (it does not allow ``/``), a file with
+        more than one hard link is refused unless the store was made with
+        ``allow_hardlinked_sources``: its other names may lie anywhere on the
+        file system, and the resolved path shows only the one used to open it.
         """
         if chunk_size <= 0:
             raise BadRequest("chunk size must be positive")
@@ -500,6 +566,14 @@ class Store:
             if not stat.S_ISREG(st.st_mode):
                 raise BadRequest(f"{src_path} is {_kind(st.st_mode)}, not a regular file: "
                                  "only regular files can be shipped")
+            if st.st_nlink > 1 and allowed is not None and \
+                    not self.allow_hardlinked_sources and not allowed("/"):
+                raise BadRequest(
+                    f"{src_path} has {st.st_nlink} hard links, and another of its names may "
+                    "lie outside the directories this daemon may ship from (allow_source), "
+                    "so it is not shipped; ship a copy of it instead (cp, not ln), or set "
+                    "allow_hardlinked_sources in the daemon's config if hard-linked files "
+                    "there are expected", status=403)
             try:
                 out = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o600)
             except OSError as e:
@@ -672,101 +746,186 @@ class Store:
     def _create_staging(self, job: str, file: int, dest: str, final: str, size: int,
                         xxh3: str, chunk_size: int) -> Staging:
         parent, base = os.path.split(final)
-        created = self._make_parents(parent, final)
-        try:
-            fst = os.lstat(final)
-        except FileNotFoundError:
-            fst = None
-        except OSError as e:
-            raise LocalIOError(f"cannot inspect {final}: {e.strerror}") from None
-        if fst is not None and stat.S_ISDIR(fst.st_mode):
-            raise LocalIOError(f"destination {final} is a directory; remove it or choose "
-                               "another --dest")
-        free = free_space(parent)
-        if free < size:
-            raise LocalIOError(f"disk full: {_mib(free)} free, {_mib(size)} needed for {final}; "
-                               "free space or choose another --dest")
         # NAME_MAX is 255 bytes: keep the temp name inside it for long file names.
-        temp = os.path.join(parent, f".{base[:120]}.fdship-{job}-{file}.part")
-        fd = self._create_exclusive(temp, final)
+        tname = f".{base[:120]}.fdship-{job}-{file}.part"
+        temp = os.path.join(parent, tname)
+        dfd, created = self._walk(parent, final, create=True)
         try:
-            if fst is not None and stat.S_ISREG(fst.st_mode):
-                # Replacing a file keeps its mode (and owner, when we may set it),
-                # as an in-place edit would.
-                os.fchmod(fd, stat.S_IMODE(fst.st_mode))
-                if os.geteuid() == 0:
-                    os.fchown(fd, fst.st_uid, fst.st_gid)
-            if size:
-                os.posix_fallocate(fd, 0, size)
-        except OSError as e:
-            os.close(fd)
-            _unlink(temp)
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise LocalIOError(f"disk full: {_mib(free_space(parent))} free, "
-                                   f"{_mib(size)} needed for {final}; free space or choose "
-                                   "another --dest") from None
-            raise LocalIOError(f"cannot reserve {_mib(size)} for {final}: {e.strerror}") \
-                from None
-        jdir = os.path.join(self._jobs_dir, job)
-        meta = os.path.join(jdir, f"stage-{file}.json")
-        try:
-            os.makedirs(jdir, mode=0o700, exist_ok=True)
-            log_fd = os.open(meta[:-len(".json")] + ".chunks",
-                             os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND | _O_CLOEXEC,
-                             0o600)
-        except OSError as e:
-            os.close(fd)
-            _unlink(temp)
-            raise LocalIOError(f"cannot write staging records under {self.data_dir}: "
-                               f"{e.strerror}; check --data-dir") from None
-        st = Staging(self, job=job, file=file, dest=dest, final_path=final, temp_path=temp,
-                     size=size, xxh3=xxh3, chunk_size=chunk_size, write_fd=fd, log_fd=log_fd,
-                     created_dirs=created)
-        try:
-            _atomic_json(meta, st._manifest())
-        except OSError as e:
-            st._close()
-            _unlink(temp)
-            raise LocalIOError(f"cannot write staging records under {self.data_dir}: "
-                               f"{e.strerror}; check --data-dir") from None
-        return st
-
-    def _make_parents(self, parent: str, final: str) -> list[str]:
-        """Create missing directories above ``final``; return the ones created."""
-        missing: list[str] = []
-        p = parent
-        while not os.path.lexists(p):
-            missing.append(p)
-            p = os.path.dirname(p)
-        if os.path.lexists(p) and not os.path.isdir(p):
-            raise LocalIOError(f"cannot create {final}: {p} exists and is not a directory; "
-                               "remove it or choose another --dest")
-        created: list[str] = []
-        for d in reversed(missing):
             try:
-                os.mkdir(d, 0o755)
-                created.append(d)
-            except FileExistsError:
-                if not os.path.isdir(d):
-                    raise LocalIOError(f"cannot create {final}: {d} exists and is not a "
-                                       "directory; remove it or choose another --dest") from None
+                fst: os.stat_result | None = os.stat(base, dir_fd=dfd, follow_symlinks=False)
+            except FileNotFoundError:
+                fst = None
             except OSError as e:
-                raise self._local_error(e, d, final) from None
-        return created
+                raise LocalIOError(f"cannot inspect {final}: {e.strerror}") from None
+            if fst is not None and stat.S_ISDIR(fst.st_mode):
+                raise LocalIOError(f"destination {final} is a directory; remove it or choose "
+                                   "another --dest")
+            free = _free_in(dfd)
+            if free < size:
+                raise LocalIOError(f"disk full: {_mib(free)} free, {_mib(size)} needed for "
+                                   f"{final}; free space or choose another --dest")
+            fd = self._create_exclusive(dfd, tname, temp, final)
+            try:
+                if fst is not None and stat.S_ISREG(fst.st_mode):
+                    # Replacing a file keeps its mode (and owner, when we may set it),
+                    # as an in-place edit would.
+                    os.fchmod(fd, stat.S_IMODE(fst.st_mode))
+                    if os.geteuid() == 0:
+                        os.fchown(fd, fst.st_uid, fst.st_gid)
+                if size:
+                    os.posix_fallocate(fd, 0, size)
+            except OSError as e:
+                os.close(fd)
+                _unlink_at(dfd, tname)
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise LocalIOError(f"disk full: {_mib(_free_in(dfd))} free, "
+                                       f"{_mib(size)} needed for {final}; free space or "
+                                       "choose another --dest") from None
+                raise LocalIOError(f"cannot reserve {_mib(size)} for {final}: "
+                                   f"{e.strerror}") from None
+            jdir = os.path.join(self._jobs_dir, job)
+            meta = os.path.join(jdir, f"stage-{file}.json")
+            try:
+                os.makedirs(jdir, mode=0o700, exist_ok=True)
+                log_fd = os.open(meta[:-len(".json")] + ".chunks",
+                                 os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+                                 | _O_CLOEXEC, 0o600)
+            except OSError as e:
+                os.close(fd)
+                _unlink_at(dfd, tname)
+                raise LocalIOError(f"cannot write staging records under {self.data_dir}: "
+                                   f"{e.strerror}; check --data-dir") from None
+            st = Staging(self, job=job, file=file, dest=dest, final_path=final, temp_path=temp,
+                         size=size, xxh3=xxh3, chunk_size=chunk_size, write_fd=fd,
+                         log_fd=log_fd, created_dirs=created, dir_fd=os.dup(dfd))
+            try:
+                _atomic_json(meta, st._manifest())
+            except OSError as e:
+                st._close()
+                _unlink_at(dfd, tname)
+                raise LocalIOError(f"cannot write staging records under {self.data_dir}: "
+                                   f"{e.strerror}; check --data-dir") from None
+            return st
+        finally:
+            os.close(dfd)
 
-    def _create_exclusive(self, temp: str, final: str) -> int:
+    # --- reaching a destination directory without following planted links ------------------
+
+    def _anchor(self, parent: str, final: str) -> tuple[str, list[str]]:
+        """(allowed directory, components below it) that lead to ``parent``.
+
+        The shortest leading part of ``parent`` that resolves into an allowed
+        directory decides which one: links on the way there (above the allowed
+        directory, set up by the operator) are honoured, as the daemon's own
+        check honours them.  What lies below it is only *named* here; the walk
+        opens it without following links, so a link swapped in between is
+        refused, not followed.
+        """
+        assert self._bounds is not None
+        parts = _components(parent)
+        for k in range(len(parts) + 1):
+            try:
+                real = os.path.realpath("/" + "/".join(parts[:k]))
+            except OSError as e:  # a link on the way changed while it was read
+                raise LocalIOError(f"cannot resolve {final}: {e.strerror}; try again, and "
+                                   "check that nothing keeps changing the directories on "
+                                   "the way") from None
+            for bound in self._bounds:
+                if _under(real, bound):
+                    return bound, _components(real[len(bound):]) + parts[k:]
+        where = (f"allow_dest ({', '.join(self.allow_dest)})" if self.allow_dest
+                 else f"the root {self.root}")
+        raise LocalIOError(f"destination {final} is not inside {where}: refusing to write it; "
+                           "choose a destination there")
+
+    def _walk(self, parent: str, final: str, create: bool,
+              fsync: frozenset[str] = frozenset()) -> tuple[int, list[str]]:
+        """Open ``parent`` one component at a time; return (its fd, directories created).
+
+        Below an allowed directory every component is opened with O_NOFOLLOW
+        relative to the one before, and created (``create``) when missing; the
+        directories named in ``fsync`` are fsynced on the way.  Without
+        confinement links are followed as usual.  The caller closes the fd.
+        """
+        if self._bounds is None:
+            start, rest, follow = "/", _components(parent), True
+        else:
+            bound, below = self._anchor(parent, final)
+            # The allowed directory's own path was free of links when resolved;
+            # walking it too with O_NOFOLLOW keeps it so.
+            start, rest, follow = "/", _components(bound) + below, False
+        flags = _DIR_FLAGS & ~_O_NOFOLLOW if follow else _DIR_FLAGS
+        created: list[str] = []
+        path = start
+        fd = os.open(start, flags)
+        try:
+            if path in fsync:
+                os.fsync(fd)
+            for name in rest:
+                path = os.path.join(path, name)
+                try:
+                    nfd = os.open(name, flags, dir_fd=fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise LocalIOError(f"directory {path} is gone, so {final} cannot be "
+                                           "installed; nothing was written there") from None
+                    try:
+                        os.mkdir(name, 0o755, dir_fd=fd)
+                        created.append(path)
+                    except FileExistsError:
+                        pass  # made meanwhile by another pull: open what is there
+                    except OSError as e:
+                        raise self._local_error(e, path, final) from None
+                    nfd = self._open_below(fd, name, flags, path, final)
+                except OSError as e:
+                    nfd = self._open_below(fd, name, flags, path, final, e)
+                os.close(fd)
+                fd = nfd
+                if path in fsync:
+                    os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, created
+
+    def _open_below(self, fd: int, name: str, flags: int, path: str, final: str,
+                    error: OSError | None = None) -> int:
+        """Open directory ``name`` under ``fd`` (again), turning failures into sentences."""
+        if error is None:
+            try:
+                return os.open(name, flags, dir_fd=fd)
+            except OSError as e:
+                error = e
+        try:
+            kind = os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
+        except OSError:
+            kind = 0
+        if stat.S_ISLNK(kind):
+            raise LocalIOError(
+                f"refusing to write {final}: {path} is a symbolic link inside a directory this "
+                "daemon may write to, and links there are never followed (one could be swapped "
+                "to lead elsewhere); replace it with a real directory or choose another --dest")
+        if kind and not stat.S_ISDIR(kind):
+            raise LocalIOError(f"cannot create {final}: {path} exists and is not a directory; "
+                               "remove it or choose another --dest")
+        raise self._local_error(error, path, final)
+
+    def _create_exclusive(self, dfd: int, tname: str, temp: str, final: str) -> int:
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC
         for _ in range(2):
             try:
-                return os.open(temp, flags, 0o644)
+                return os.open(tname, flags, 0o644, dir_fd=dfd)
             except FileExistsError:
                 # A leftover from a run that died before recording it, or a
                 # planted link: never write through it, remove and recreate.
-                if os.path.isdir(temp) and not os.path.islink(temp):
-                    raise LocalIOError(f"{temp} is a directory in the way of staging {final}; "
-                                       "remove it") from None
                 try:
-                    os.unlink(temp)
+                    mode = os.stat(tname, dir_fd=dfd, follow_symlinks=False).st_mode
+                    if stat.S_ISDIR(mode):
+                        raise LocalIOError(f"{temp} is a directory in the way of staging "
+                                           f"{final}; remove it") from None
+                    os.unlink(tname, dir_fd=dfd)
+                except FileNotFoundError:
+                    pass
                 except OSError as e:
                     raise self._local_error(e, temp, final) from None
             except OSError as e:
@@ -843,16 +1002,7 @@ class Store:
                     f"{st.xxh3}; nothing was installed and its chunks will be fetched again")
             try:
                 os.fsync(fd)
-                fst = os.lstat(st.final_path) if os.path.lexists(st.final_path) else None
-                if fst is not None and stat.S_ISDIR(fst.st_mode):
-                    raise LocalIOError(f"destination {st.final_path} is a directory; remove "
-                                       "it or choose another --dest")
-                os.rename(st.temp_path, st.final_path)
-                _fsync_dir(os.path.dirname(st.final_path))
-                # Directories we created must survive a crash too, or the file
-                # we just made durable would be unreachable.
-                for d in st.created_dirs:
-                    _fsync_dir(os.path.dirname(d))
+                self._rename_into_place(st, fd)
             except LocalIOError:
                 raise
             except OSError as e:
@@ -864,12 +1014,84 @@ class Store:
             st.verified = dict(enumerate(chunk_hashes))
             _close(st._log_fd)
             st._log_fd = -1
+            _close(st._dir_fd)
+            st._dir_fd = -1
             meta = os.path.join(self._jobs_dir, job, f"stage-{file}.json")
             try:
                 _atomic_json(meta, st._manifest())
                 _unlink(meta[:-len(".json")] + ".chunks")
             except OSError as e:
                 log.warning("cannot record that job %s file %d was packed: %s", job, file, e)
+
+    def _rename_into_place(self, st: Staging, fd: int) -> None:
+        """Rename the verified temp file (open as ``fd``) onto the final name, durably.
+
+        The destination directory is reached again by the same link-refusing
+        walk as when the temp file was made, and the temp name found there must
+        still be the very file that was verified: whatever was done to the
+        directories in between, the rename happens inside the allowed directory
+        and installs our bytes, or does not happen at all.
+        """
+        parent, base = os.path.split(st.final_path)
+        tname = os.path.basename(st.temp_path)
+        # Directories we created must survive a crash too, or the file we make
+        # durable would be unreachable: their parents are fsynced on the way.
+        dfd, _ = self._walk(parent, st.final_path, create=False,
+                            fsync=frozenset(os.path.dirname(d) for d in st.created_dirs))
+        try:
+            mine = os.fstat(fd)
+            try:
+                there = os.stat(tname, dir_fd=dfd, follow_symlinks=False)
+            except FileNotFoundError:
+                there = None
+            if there is None or (there.st_dev, there.st_ino) != (mine.st_dev, mine.st_ino):
+                raise LocalIOError(
+                    f"the directory of {st.final_path} was moved or replaced while job "
+                    f"{st.job} file {st.file} was being fetched (its temp file {tname} is no "
+                    "longer there); nothing was installed: restore the directory and submit "
+                    "the job again")
+            try:
+                fst: os.stat_result | None = os.stat(base, dir_fd=dfd, follow_symlinks=False)
+            except FileNotFoundError:
+                fst = None
+            if fst is not None and stat.S_ISDIR(fst.st_mode):
+                raise LocalIOError(f"destination {st.final_path} is a directory; remove "
+                                   "it or choose another --dest")
+            os.rename(tname, base, src_dir_fd=dfd, dst_dir_fd=dfd)
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def _open_at_final(self, path: str, flags: int) -> tuple[int, int]:
+        """(fd of ``path``, fd of its directory), reached by the link-refusing walk."""
+        parent, name = os.path.split(path)
+        dfd, _ = self._walk(parent, path, create=False)
+        try:
+            return os.open(name, flags | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=dfd), dfd
+        except BaseException:
+            os.close(dfd)
+            raise
+
+    @staticmethod
+    def _remove_temp(st: Staging) -> None:
+        """Delete ``st``'s temp file, by name in the directory it was made in, if it is ours.
+
+        The directory is the one held since the temp file was created, not a
+        path looked up now: wherever it has been moved, only our own file's
+        name is removed, and nothing is removed through a link swapped in.
+        """
+        if st._dir_fd < 0 or st.write_fd < 0:
+            return
+        tname = os.path.basename(st.temp_path)
+        try:
+            mine = os.fstat(st.write_fd)
+            there = os.stat(tname, dir_fd=st._dir_fd, follow_symlinks=False)
+            if (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino):
+                os.unlink(tname, dir_fd=st._dir_fd)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("cannot remove the temp file %s of job %s: %s", st.temp_path, st.job, e)
 
     @staticmethod
     def _kernel_copy(src: int, dst: int, size: int, final: str) -> None:
@@ -986,8 +1208,8 @@ class Store:
                 _close(self._sources.pop(k).fd)
             for k in stgs:
                 st = self._stagings.pop(k)
-                st._close()
                 if not st.packed:
-                    _unlink(st.temp_path)
+                    self._remove_temp(st)
+                st._close()
         if _JOB_RE.match(job):
             shutil.rmtree(os.path.join(self._jobs_dir, job), ignore_errors=True)
