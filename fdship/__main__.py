@@ -14,8 +14,10 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
+from fdship import clitls
 from fdship import config as C
 from fdship.config import human_bytes
 from fdship.errors import BadRequest, ConfigError, FdshipError, Unavailable
@@ -38,6 +40,15 @@ def default_center() -> str:
 
 def _token(args: argparse.Namespace) -> str:
     return C.read_token(getattr(args, "token_file", "") or "")
+
+
+def add_tls_ca_argument(p: argparse.ArgumentParser) -> None:
+    """``--tls-ca FILE`` for a command that talks to a center or daemon (see fdship.clitls)."""
+    # dest differs from the center's and daemon's config key tls_ca: main()
+    # tells client commands by this attribute.
+    p.add_argument("--tls-ca", dest="client_tls_ca", default=None, metavar="FILE",
+                   help="CA certificate (PEM) that https:// servers are verified against "
+                        "(default $FDSHIP_TLS_CA, else the system's trust store)")
 
 
 # ---------------------------------------------------------------------- center / daemon
@@ -245,6 +256,7 @@ def add_schedule_parser(sub: Any) -> None:
     for p in (a, ls, rm, hi):
         p.add_argument("--center", default=default_center())
         p.add_argument("--token-file", default="")
+        add_tls_ca_argument(p)
         p.add_argument("--json", action="store_true")
     sc.set_defaults(fn=cmd_schedule)
 
@@ -291,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-wait", action="store_true", help="print the job id and return")
     s.add_argument("--json", action="store_true", help="print the job result as JSON")
     s.add_argument("--token-file", default="")
+    add_tls_ca_argument(s)
     s.add_argument("files", nargs="+", metavar="FILE")
     s.set_defaults(fn=cmd_submit)
 
@@ -299,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
         w = sub.add_parser(name, help=hlp)
         w.add_argument("--center", default=default_center())
         w.add_argument("--token-file", default="")
+        add_tls_ca_argument(w)
         w.add_argument("--json", action="store_true")
         if name == "jobs":
             w.add_argument("--state", choices=["running", "done", "failed"])
@@ -332,13 +346,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
+    ca, ca_origin = "", ""
     try:
+        if hasattr(args, "client_tls_ca"):
+            # Before any request: a bad CA file is bad input (exit 2), not an
+            # unreachable server.
+            ca, ca_origin = clitls.use_ca(args.client_tls_ca)
+            # Tornado also logs a failed handshake; the one-line error below says
+            # it better, and a command's stderr is for that line.
+            logging.getLogger("tornado.general").setLevel(logging.ERROR)
         return int(args.fn(args) or 0)
     except ConfigError as e:
         print(f"fdship {args.cmd}: {e}", file=sys.stderr)
         return EXIT_INPUT
     except Unavailable as e:
-        print(f"fdship {args.cmd}: {e}", file=sys.stderr)
+        print(f"fdship {args.cmd}: {clitls.explain_tls_failure(str(e), ca, ca_origin)}",
+              file=sys.stderr)
         return EXIT_UNREACHABLE
     except BadRequest as e:
         print(f"fdship {args.cmd}: {e}", file=sys.stderr)
