@@ -19,13 +19,14 @@ Keys: ``j`` jobs, ``h`` hosts, ``enter`` open a job, ``f`` failures only,
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
 import tomllib
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 from textual import work
 from textual.app import App, ScreenStackError
@@ -34,6 +35,7 @@ from textual.css.query import NoMatches
 from textual.message import Message
 from textual.reactive import reactive
 
+from fdship.clitls import check_ca_file, resolve_ca
 from fdship.config import read_token
 from fdship.errors import FdshipError
 from tui.screens import HostsScreen, JobScreen, JobsScreen, MonitorScreen
@@ -276,7 +278,8 @@ class MonitorApp(App[None]):
 
 
 def _config_file(path: str) -> dict[str, Any]:
-    """Read ``center`` and ``token_file`` from an fdship TOML config (e.g. the daemon's)."""
+    """Read ``center``, ``token_file`` and ``tls_ca`` from an fdship TOML config (e.g. the
+    daemon's)."""
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
@@ -285,7 +288,7 @@ def _config_file(path: str) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         raise FdshipError(f"config file {path} is not valid TOML: {e}") from None
     out = {}
-    for key in ("center", "token_file"):
+    for key in ("center", "token_file", "tls_ca"):
         v = data.get(key, data.get(key.replace("_", "-")))
         if v is not None:
             if not isinstance(v, str):
@@ -294,8 +297,21 @@ def _config_file(path: str) -> dict[str, Any]:
     return out
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[str, str]:
-    """Flags -> (center URL, token).  Flag beats $FDSHIP_CENTER beats config beats default."""
+class Options(NamedTuple):
+    """What the command line decided: where the center is, the token, the CA to trust."""
+
+    center: str
+    token: str
+    tls_ca: str = ""  # "" : $FDSHIP_TLS_CA was not set either; the system's trust store
+    tls_ca_origin: str = ""  # where tls_ca came from, for error messages
+
+
+def parse_args(argv: list[str] | None = None) -> Options:
+    """Flags -> Options.  For each setting: flag, then environment, then config, then default.
+
+    The CA file is checked here (exists, readable, holds a certificate), so a
+    bad one stops the TUI before it draws anything.
+    """
     parser = argparse.ArgumentParser(
         prog="fdship-tui",
         description="Follow an fdship center live: jobs, each job's machines, hosts.  "
@@ -305,23 +321,34 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, str]:
                         help=f"URL of the center (default $FDSHIP_CENTER, else {DEFAULT_CENTER})")
     parser.add_argument("--token-file", default=None,
                         help="file holding the shared token ($FDSHIP_TOKEN beats it)")
+    parser.add_argument("--tls-ca", default=None, metavar="FILE",
+                        help="CA certificate (PEM) an https:// center is verified against "
+                             "(default $FDSHIP_TLS_CA, else the config file's tls_ca, else "
+                             "the system's trust store)")
     parser.add_argument("--config", default=None,
-                        help="an fdship TOML config to take center and token_file from")
+                        help="an fdship TOML config to take center, token_file and tls_ca from")
     args = parser.parse_args(argv)
     conf = _config_file(args.config) if args.config else {}
     center = (args.center or os.environ.get("FDSHIP_CENTER") or conf.get("center")
               or DEFAULT_CENTER)
     token_file = args.token_file or conf.get("token_file", "")
-    return center, read_token(token_file)
+    ca, origin = resolve_ca(args.tls_ca, conf.get("tls_ca", ""),
+                            f"tls_ca of {args.config}")
+    if ca:
+        check_ca_file(ca, origin)
+    return Options(center, read_token(token_file), ca, origin)
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        center, token = parse_args(argv)
-        source = HTTPSource(center, token)
+        opts = parse_args(argv)
+        source = HTTPSource(opts.center, opts.token, tls_ca=opts.tls_ca)
     except FdshipError as e:
         print(f"fdship-tui: {e}", file=sys.stderr)
         return 2
+    # Tornado logs every failed TLS handshake of a GET; the status line already
+    # says what failed and what to do, and the screen is no place for log lines.
+    logging.getLogger("tornado.general").setLevel(logging.ERROR)
     MonitorApp(source).run()
     return 0
 

@@ -33,13 +33,18 @@ tell it from the real thing.
 
 The SSE stream is read with plain asyncio (HTTP/1.1, chunked or not) so that
 cancelling the app's worker closes the socket at once; the one-shot GETs use
-Tornado's ``AsyncHTTPClient``.  This module imports no Textual.
+Tornado's ``AsyncHTTPClient``.  Over https:// both verify the center's
+certificate against the same CA (``tls_ca``, else ``$FDSHIP_TLS_CA``, else the
+system's trust store), and a failed handshake is put in words on the status
+line (the CA it was checked against, and ``--tls-ca``).  This module imports
+no Textual.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import ssl
 import time
@@ -252,7 +257,8 @@ class StreamEnded(Unavailable):
 class HTTPSource:
     """Follows a real center: full state over GET, then ``/center/events``."""
 
-    def __init__(self, center: str, token: str = "", *, connect_timeout: float = 5.0,
+    def __init__(self, center: str, token: str = "", *, tls_ca: str = "",
+                 connect_timeout: float = 5.0,
                  request_timeout: float = 30.0, idle_timeout: float = 60.0,
                  backoff: Backoff | None = None, jobs_limit: int = 200,
                  sleep: Callable[[float], Any] = asyncio.sleep) -> None:
@@ -266,6 +272,16 @@ class HTTPSource:
         self._port = parts.port or (443 if parts.scheme == "https" else 80)
         self._prefix = parts.path.rstrip("/")
         self.token = token
+        # TLS: the event stream (read here) and the GETs (fdship's CenterClient)
+        # verify the center against the same CA: ``tls_ca`` when given (it then
+        # becomes this process's CA for fdship's HTTP calls), else
+        # $FDSHIP_TLS_CA, else the system's trust store.
+        self.tls_ca = tls_ca
+        self._ssl: ssl.SSLContext | None = None
+        if tls_ca:
+            from fdship.httpclient import configure_tls  # tornado: only for a real center
+
+            configure_tls(tls_ca)
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
         # No byte for this long means a dead peer that never sent a FIN or RST.
@@ -321,15 +337,24 @@ class HTTPSource:
 
     async def _open_stream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter,
                                           dict[str, str]]:
-        ctx = ssl.create_default_context() if self._scheme == "https" else None
+        ctx = self._ssl_context() if self._scheme == "https" else None
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(self._host, self._port, ssl=ctx, limit=1 << 20),
                 self.connect_timeout)
         except TimeoutError:
             self.resumable = False
+            # A plain HTTP server never answers a TLS hello: it waits for a request line.
+            hint = ("; if it serves plain HTTP, use an http:// URL"
+                    if self._scheme == "https" else "")
             raise Unavailable(f"cannot reach the center at {self.center}: "
-                              f"connect timed out after {self.connect_timeout:g}s") from None
+                              f"connect timed out after {self.connect_timeout:g}s{hint}") \
+                from None
+        except ssl.SSLError as e:  # before OSError, of which it is a subclass
+            # Retrying cannot fix this, but the status line keeps saying why,
+            # and a center given a new certificate is followed again.
+            self.resumable = False
+            raise Unavailable(self._tls_reason(e)) from None
         except OSError as e:
             # Nobody listening: the center is down, and the one that comes back
             # may be a new process whose event ids started again at 1.
@@ -349,7 +374,15 @@ class HTTPSource:
         head = f"GET {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
         writer.write(head.encode("latin-1") + b"\r\n")
         try:
-            status_line = await self._read(reader.readline())
+            try:
+                status_line = await self._read(reader.readline())
+            except Unavailable as e:
+                if "lost the connection" not in e.message:
+                    raise
+                raise Unavailable(e.message + self._plain_to_tls_hint()) from None
+            if not status_line:
+                raise Unavailable(f"the center at {self.center} closed the connection without "
+                                  f"answering{self._plain_to_tls_hint()}")
             parts = status_line.decode("latin-1").split(" ", 2)
             if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
                 raise ProtocolError(f"the center at {self.center} did not answer HTTP")
@@ -370,6 +403,37 @@ class HTTPSource:
             writer.close()
             raise
         return reader, writer, resp_headers
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        """The verifying TLS context of the event stream (the GETs use the same CA file)."""
+        if self._ssl is None:
+            from fdship.httpclient import client_ssl_context, cluster_ssl_context
+
+            self._ssl = client_ssl_context(self.tls_ca) if self.tls_ca else \
+                cluster_ssl_context()
+        return self._ssl
+
+    def _tls_reason(self, e: ssl.SSLError) -> str:
+        """A failed handshake in words, what to do first: the status line is one line."""
+        text = str(e)
+        if isinstance(e, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in text:
+            detail = getattr(e, "verify_message", "") or text
+            if "mismatch" in detail:
+                return (f"certificate of {self._host} is not issued for that name: use the "
+                        f"name or address it was issued for ({detail})")
+            if "expired" in detail:
+                return f"certificate of the center at {self.center} has expired: renew it"
+            ca = self.tls_ca or os.environ.get("FDSHIP_TLS_CA", "")
+            by = f"the CA in {ca}" if ca else "the system's trust store"
+            return (f"certificate not trusted: pass --tls-ca FILE, the CA that signed the "
+                    f"center's (checked against {by}: {detail})")
+        if "WRONG_VERSION_NUMBER" in text or "record layer failure" in text:
+            return f"the center at {self.center} does not speak TLS: use an http:// URL"
+        return f"TLS with the center at {self.center} failed: {e.reason or text}"
+
+    def _plain_to_tls_hint(self) -> str:
+        # A TLS server drops a plain request without a word.
+        return "; if it serves HTTPS, use an https:// URL" if self._scheme == "http" else ""
 
     async def _read(self, aw: Any) -> bytes:
         try:

@@ -267,7 +267,8 @@ def test_100x30_gives_the_error_column_more_room() -> None:
 def test_cli_defaults_and_precedence(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FDSHIP_CENTER", raising=False)
     monkeypatch.delenv("FDSHIP_TOKEN", raising=False)
-    assert tui_app.parse_args([]) == ("http://127.0.0.1:7070", "")
+    monkeypatch.delenv("FDSHIP_TLS_CA", raising=False)
+    assert tui_app.parse_args([]) == ("http://127.0.0.1:7070", "", "", "")
     monkeypatch.setenv("FDSHIP_CENTER", "http://10.1.1.1:7070")
     assert tui_app.parse_args([])[0] == "http://10.1.1.1:7070"
     assert tui_app.parse_args(["--center", "http://c:1"])[0] == "http://c:1"
@@ -281,7 +282,8 @@ def test_cli_defaults_and_precedence(tmp_path: Any, monkeypatch: pytest.MonkeyPa
     monkeypatch.delenv("FDSHIP_CENTER")
     conf = tmp_path / "daemon.toml"
     conf.write_text(f'center = "http://10.2.2.2:7070"\ntoken_file = "{tok}"\nlisten = "x"\n')
-    assert tui_app.parse_args(["--config", str(conf)]) == ("http://10.2.2.2:7070", "from-file")
+    opts = tui_app.parse_args(["--config", str(conf)])
+    assert (opts.center, opts.token, opts.tls_ca) == ("http://10.2.2.2:7070", "from-file", "")
 
 
 def test_cli_bad_input_exits_2_with_a_sentence(tmp_path: Any, capsys: Any,

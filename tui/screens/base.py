@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from textual import events
 from textual.screen import Screen
 from textual.widgets import Footer, Header
 
@@ -35,7 +36,7 @@ class MonitorScreen(Screen[None]):
     #: True once mounted with its widgets: the app draws only into ready screens.
     ready = False
 
-    def _on_mount(self) -> None:
+    def _on_mount(self, event: events.Mount) -> None:
         # Mount arrives after the composed children are mounted, so the widgets
         # redraw() queries exist from here on.
         self.ready = True
