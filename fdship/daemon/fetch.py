@@ -1,6 +1,6 @@
 """Fetch chunks from peers: stream, verify, pwrite.
 
-Where it sits: the daemon's pull handling (``fdship/daemon/app.py``) runs one
+Where it sits: the daemon's pull handling (``fdship/daemon/agent.py``) runs one
 :meth:`PeerPool.fetch` per chunk the center assigned, writing into the fd of a
 :class:`fdship.daemon.store.Staging`, then acks the outcome to the center.  The
 other end is :class:`fdship.daemon.serve.DownloadHandler` on the peer.
