@@ -3,7 +3,9 @@
 Each subcommand parses its flags, loads config where it has one, and hands
 off to the module that does the work.  Exit statuses of ``submit`` follow the
 CONTRACT: 0 every machine done, 1 some machine failed, 2 bad input, 3 the
-daemon or center could not be reached.
+daemon or center could not be reached.  The commands that talk to a center or
+a daemon take ``--tls-ca FILE`` for https:// URLs (:mod:`fdship.clitls`): a bad
+CA file is bad input (2), a certificate it does not trust is unreachable (3).
 """
 
 from __future__ import annotations
@@ -338,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=1)
     sim.add_argument("--latency", type=float, default=None,
                      help="one-way latency per hop in seconds (default: the simulator's)")
+    sim.add_argument("--lead", type=float, default=None,
+                     help="seconds before its last byte a fetch tells the center it is about "
+                          "to finish (the daemon's fetch_lead; default 0.05, 0: never)")
     sim.add_argument("--json", action="store_true")
     sim.set_defaults(fn=cmd_simulate)
     return p

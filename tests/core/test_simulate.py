@@ -161,6 +161,19 @@ def test_cli_json(capsys) -> None:  # type: ignore[no-untyped-def]
     r = json.loads(capsys.readouterr().out)
     assert r["targets"] == 20 and r["chunks"] == 16 and r["state"] == "done"
     assert r["lower_bound_s"] == pytest.approx(1.6)
+    assert r["lead"] == pytest.approx(0.05)  # the daemon's default fetch_lead
+
+
+def test_cli_lead_zero_turns_the_notices_off(capsys) -> None:  # type: ignore[no-untyped-def]
+    """Same job and seed with and without the notices: --lead reaches the simulated
+    daemons (the runs differ) and 0 costs a round trip per chunk (it is slower)."""
+    runs = {}
+    for lead in ("0", "0.05"):
+        assert main(["simulate", "--hosts", "11", "--size", "16M", "--bandwidth", "10M",
+                     "--chunk-size", "1M", "--lead", lead, "--json"]) == 0
+        runs[lead] = json.loads(capsys.readouterr().out)
+    assert runs["0"]["lead"] == 0.0 and runs["0.05"]["lead"] == pytest.approx(0.05)
+    assert runs["0"]["completion_s"] > runs["0.05"]["completion_s"]
 
 
 def test_cli_summary(capsys) -> None:  # type: ignore[no-untyped-def]
@@ -177,6 +190,7 @@ def test_cli_summary(capsys) -> None:  # type: ignore[no-untyped-def]
     (["--slow-fraction", "1.5"], "--slow-fraction"),
     (["--chunk-size", "1K"], "--chunk-size"),
     (["--bandwidth", "0"], "--bandwidth"),
+    (["--lead", "-0.1"], "--lead must be at least 0"),
 ])
 def test_cli_bad_input_exits_2_with_a_sentence(argv, words, capsys) -> None:  # type: ignore[no-untyped-def]
     assert main(["simulate", *argv]) == 2
