@@ -212,6 +212,46 @@ def make_fleet(n: int) -> Iterator[Fleet]:
             shutil.rmtree(base, ignore_errors=True)
 
 
+# ---- throwaway certificates ------------------------------------------------------------------
+
+
+def _openssl(*args: str) -> None:
+    proc = subprocess.run(["openssl", *args], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert proc.returncode == 0, f"openssl {' '.join(args)} failed:\n{proc.stderr}"
+
+
+def make_fleet_pki(d: Path, hosts: list[SshHost]) -> Path:
+    """A CA (``ca.pem``) and, per host, ``NAME.pem`` + ``NAME.key`` for its name and address.
+
+    Made with the openssl command, the way docs/operations.md ("TLS") tells an
+    operator to: EC P-256 keys, the host's address and name in subjectAltName.
+    """
+    ensure_commands({"openssl": "openssl"})
+    d.mkdir(mode=0o700)
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+             "-nodes", "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"), "-days", "2",
+             "-subj", "/CN=fdship roll-out test CA",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    for h in hosts:
+        issue_host_cert(d, h)
+    return d
+
+
+def issue_host_cert(d: Path, h: SshHost) -> None:
+    """(Re)issue ``NAME.pem`` and a fresh ``NAME.key`` for host ``h``, signed by ``d/ca.pem``."""
+    key, csr, cert, ext = (d / f"{h.name}{s}" for s in (".key", ".csr", ".pem", ".cnf"))
+    ext.write_text(f"subjectAltName=IP:{h.addr},DNS:{h.name}\n"
+                   "extendedKeyUsage=serverAuth,clientAuth\n")
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={h.name}")
+    _openssl("x509", "-req", "-in", str(csr), "-CA", str(d / "ca.pem"), "-CAkey",
+             str(d / "ca.key"), "-CAcreateserial", "-out", str(cert), "-days", "2",
+             "-extfile", str(ext))
+    key.chmod(0o600)
+
+
 # ---- running a unit without systemd -------------------------------------------------------
 
 _SANDBOX = """\

@@ -6,16 +6,22 @@ with its own sshd and its own directory standing for its root file system:
 * h0: the center and a daemon (groups fdship_center, fdship_daemons, builder)
 * h1, h2: daemons (group bidder, so labelled ``bidder``)
 
+The fleet runs with TLS on: the test makes a throwaway CA and a certificate
+per host with the openssl command and points fdship_common_tls_*_src at them.
+
 The test builds a wheelhouse from the checkout, runs site.yml, checks what it
-installed (configs through fdship's own config loader, unit files, token mode,
-``systemd-analyze verify`` of the installed units), runs site.yml again and
-demands changed=0, starts the center and the daemons from their installed unit
-files (there is no systemd: see conftest.service_argv), waits until every
-daemon is alive at the center (also through the roles' own wait tasks), ships a
-file to ``@bidder`` with ``fdship submit`` and checks it byte for byte on both
-bidders, stops everything with SIGTERM, compares the system calls used with the
-units' SystemCallFilter=, and finally runs uninstall.yml and checks that it
-removed what the roles created.
+installed (configs through fdship's own config loader, unit files, token and
+TLS key modes, ``systemd-analyze verify`` of the installed units), runs
+site.yml again and demands changed=0, starts the center and the daemons from
+their installed unit files (there is no systemd: see conftest.service_argv),
+waits until every daemon is alive at the center over HTTPS (also through the
+roles' own wait tasks, which verify the center with the fleet's CA), rotates one
+host's certificate during upgrade.yml and checks that only that host is told to
+restart for it, ships a file to ``@bidder`` with ``fdship submit --tls-ca``
+over https and checks it byte for byte on both bidders (and that the chunks
+went out encrypted, not with sendfile), stops everything with SIGTERM, compares
+the system calls used with the units' SystemCallFilter=, and finally runs
+uninstall.yml and checks that it removed what the roles created.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import pwd
 import re
 import shutil
 import signal
+import ssl
 import stat
 import subprocess
 import sys
@@ -41,7 +48,9 @@ from tests.ansible.conftest import (
     Fleet,
     SshHost,
     direct_child,
+    issue_host_cert,
     make_fleet,
+    make_fleet_pki,
     read_unit,
     service_argv,
     strace_syscalls,
@@ -102,7 +111,7 @@ def _installed_version(h: SshHost) -> str:
                           cwd="/").stdout.strip()
 
 
-def _write_inventory(fleet: Fleet, wheelhouse: Path) -> Path:
+def _write_inventory(fleet: Fleet, wheelhouse: Path, pki: Path) -> Path:
     inv = fleet.base / "inventory"
     (inv / "group_vars").mkdir(parents=True)
     (inv / "host_vars").mkdir()
@@ -136,6 +145,10 @@ def _write_inventory(fleet: Fleet, wheelhouse: Path) -> Path:
         "fdship_daemon_heartbeat_interval": "0.5s",
         "fdship_daemon_wait_retries": 60,
         "fdship_daemon_wait_delay": 1,
+        # TLS on, one certificate per host, the way docs/operations.md shows it.
+        "fdship_common_tls_cert_src": f"{pki}/{{{{ inventory_hostname }}}}.pem",
+        "fdship_common_tls_key_src": f"{pki}/{{{{ inventory_hostname }}}}.key",
+        "fdship_common_tls_ca_src": f"{pki}/ca.pem",
     }, indent=1))
     (inv / "group_vars" / "fdship_daemons.yml").write_text(json.dumps({
         "fdship_daemon_allow_dest": ["/srv/fdship"],
@@ -190,6 +203,22 @@ def _playbook(fleet: Fleet, inv: Path, playbook: str, *extra: str) -> tuple[dict
     return recap, seconds, out
 
 
+def _restart_reasons(out: str) -> dict[str, list[str]]:
+    """Host -> the messages of the roles' "Ask for a restart ..." tasks in a playbook output."""
+    found: dict[str, list[str]] = {"h0": [], "h1": [], "h2": []}
+    in_task, host = False, ""
+    for line in out.splitlines():
+        if line.startswith(("TASK [", "RUNNING HANDLER [", "PLAY ")):
+            in_task = line.startswith("TASK [") and " : Ask for a restart " in line
+            host = ""
+        elif in_task and (m := re.match(r"changed: \[(\S+)\] => \{", line)):
+            host = m[1]
+        elif in_task and host and (m := re.match(r'\s*"msg": "(.*)"$', line)):
+            found.setdefault(host, []).append(m[1])
+            host = ""
+    return found
+
+
 def _changed_tasks(out: str) -> list[str]:
     """'TASK name: changed line' for every change in an ansible-playbook output."""
     task, found = "", []
@@ -219,11 +248,12 @@ def _check_install(fleet: Fleet) -> None:
         assert unit.read_bytes() == (UNITS / "fdship-daemon.service").read_bytes()
         daemon_toml = h.path("/etc/fdship/daemon.toml")
         cfg = tomllib.loads(daemon_toml.read_text())
-        assert cfg["center"] == f"http://{h0.addr}:7070"
+        assert cfg["center"] == f"https://{h0.addr}:7070"
         assert cfg["name"] == h.name
         assert cfg["advertise"] == f"{h.addr}:7071"
         assert cfg["root"] == str(h.path("/"))
         assert cfg["token_file"] == str(token)
+        _check_tls_files(fleet, h, cfg, user.pw_uid)
         # fdship's own loader accepts the file (every key known, every value valid).
         proc = subprocess.run([str(venv_py), "-I", "-c", (
             "import sys; from fdship.config import DaemonConfig, load; "
@@ -256,6 +286,21 @@ def _check_install(fleet: Fleet) -> None:
         "c = load(CenterConfig, {'config': sys.argv[1]}); print(c.chunk_size)"),
         str(center_toml)], capture_output=True, text=True, timeout=60, cwd="/", check=False)
     assert proc.returncode == 0 and proc.stdout.strip() == str(CHUNK), proc.stderr
+    _check_tls_files(fleet, h0, tomllib.loads(center_toml.read_text()), user.pw_uid)
+
+
+def _check_tls_files(fleet: Fleet, h: SshHost, cfg: dict, uid: int) -> None:
+    """The host's own certificate and key and the fleet's CA, named by the config, with
+    tight modes: the key 0600 and owned by the service user."""
+    pki = fleet.base / "pki"
+    want = {"tls_cert": (f"{h.name}.pem", 0o644, 0), "tls_key": (f"{h.name}.key", 0o600, uid),
+            "tls_ca": ("ca.pem", 0o644, 0)}
+    for key, (src, mode, owner) in want.items():
+        path = Path(cfg[key])
+        assert path == h.path(f"/etc/fdship/{key.replace('_', '-')}.pem"), cfg
+        st = path.stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_uid) == (mode, owner), (path, oct(st.st_mode))
+        assert path.read_bytes() == (pki / src).read_bytes(), path
 
 
 def _verify_units(fleet: Fleet) -> None:
@@ -285,11 +330,15 @@ def _verify_units(fleet: Fleet) -> None:
         shutil.rmtree(h.path("/usr"))
 
 
-def _get_hosts(center: str, token: str) -> list[dict]:
-    req = urllib.request.Request(f"{center}/center/hosts",
-                                 headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        return json.load(resp)["hosts"]
+def _tls(fleet: Fleet) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(fleet.base / "pki" / "ca.pem"))
+
+
+def _get(fleet: Fleet, url: str, token: str) -> dict:
+    """GET over https, the server verified against the fleet's CA."""
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=5, context=_tls(fleet)) as resp:
+        return json.load(resp)
 
 
 def _start_services(fleet: Fleet) -> dict[str, tuple[SshHost, subprocess.Popen[bytes], Path]]:
@@ -335,7 +384,7 @@ def _wait_listening(fleet: Fleet, h: SshHost, port: int, procs: dict) -> None:
 
 
 def _wait_all_alive(fleet: Fleet, token: str, procs: dict) -> float:
-    center = f"http://{fleet.hosts[0].addr}:7070"
+    center = f"https://{fleet.hosts[0].addr}:7070"
     t0 = time.monotonic()
     names: set[str] = set()
     while time.monotonic() - t0 < 90:
@@ -344,7 +393,8 @@ def _wait_all_alive(fleet: Fleet, token: str, procs: dict) -> float:
                 raise AssertionError(f"{name} exited with {p.returncode}:\n"
                                      f"{(fleet.base / f'{name}.log').read_text()[-3000:]}")
         try:
-            names = {x["name"] for x in _get_hosts(center, token) if x.get("alive")}
+            names = {x["name"] for x in _get(fleet, f"{center}/center/hosts", token)["hosts"]
+                     if x.get("alive")}
         except OSError:
             names = set()
         if names >= {h.name for h in fleet.hosts}:
@@ -393,9 +443,10 @@ def test_site_yml_over_ssh_deploys_ships_and_is_idempotent() -> None:
 
 def _deploy_ship_upgrade_uninstall(timings: dict[str, float]) -> None:
     with make_fleet(3) as fleet:
+        pki = make_fleet_pki(fleet.base / "pki", fleet.hosts)
         wheelhouse = fleet.base / "wheelhouse"
         timings["pip wheel"] = _build_wheelhouse(wheelhouse)
-        inv = _write_inventory(fleet, wheelhouse)
+        inv = _write_inventory(fleet, wheelhouse, pki)
 
         recap, timings["site.yml, first run"], _ = _playbook(fleet, inv, "site.yml")
         assert all(r["failed"] == 0 and r["unreachable"] == 0 for r in recap.values())
@@ -412,6 +463,12 @@ def _deploy_ship_upgrade_uninstall(timings: dict[str, float]) -> None:
         token = fleet.hosts[0].path("/etc/fdship/token").read_text().strip()
         procs = _start_services(fleet)
         timings["all daemons alive"] = _wait_all_alive(fleet, token, procs)
+        # TLS only: plain HTTP to the center gets no answer.
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://{fleet.hosts[0].addr}:7070/metrics", timeout=5)
+        # A rotated certificate (h2's, same CA) is installed by the next run, and only
+        # h2 is told to restart for it.
+        issue_host_cert(pki, fleet.hosts[2])
         # A newer release, rolled out by upgrade.yml in batches of two daemons, each
         # batch waiting until the center lists it alive (the roles' own wait tasks;
         # without systemd the running processes are not restarted).
@@ -424,6 +481,11 @@ def _deploy_ship_upgrade_uninstall(timings: dict[str, float]) -> None:
             "-e", "fdship_center_wait_alive=true", "-e", "fdship_daemon_wait_alive=true")
         assert all(r["changed"] > 0 for r in recap.values()), recap
         assert out.count("Wait until the center lists this daemon alive") == 2  # 2 batches
+        reasons = _restart_reasons(out)
+        assert any("the TLS files changed" in m for m in reasons["h2"]), reasons
+        assert not any("TLS" in m for h in ("h0", "h1") for m in reasons[h]), reasons
+        assert fleet.hosts[2].path("/etc/fdship/tls-cert.pem").read_bytes() == \
+            (pki / "h2.pem").read_bytes()
         for h in fleet.hosts:
             assert _installed_version(h) == old_version + "+rollouttest"
 
@@ -436,7 +498,8 @@ def _deploy_ship_upgrade_uninstall(timings: dict[str, float]) -> None:
         h0 = fleet.hosts[0]
         t0 = time.monotonic()
         sub = h0.host.run([str(h0.path("/opt/fdship/venv/bin/fdship")), "submit",
-                           "--daemon", f"http://{h0.addr}:7071", "--to", "@bidder",
+                           "--daemon", f"https://{h0.addr}:7071", "--to", "@bidder",
+                           "--tls-ca", str(h0.path("/etc/fdship/tls-ca.pem")),
                            "--dest", "/srv/bidder/models", "--notify", "reload",
                            "--token-file", str(h0.path("/etc/fdship/token")),
                            str(payload)], check=False, timeout=180, cwd="/")
@@ -455,6 +518,11 @@ def _deploy_ship_upgrade_uninstall(timings: dict[str, float]) -> None:
         while not all(m.exists() for m in marks) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert all(m.exists() for m in marks), "the reload hook did not run everywhere"
+        # Every chunk went out through TLS (the buffered path), none with sendfile.
+        stats = [_get(fleet, f"https://{h.addr}:7071/daemon/status", token)
+                 for h in fleet.hosts]
+        assert sum(s["chunks_buffered"] for s in stats) >= 8, stats  # 4 chunks x 2 bidders
+        assert all(s["chunks_zero_copy"] == 0 for s in stats), stats
 
         codes = _stop_services(fleet, procs)
         assert codes == {name: 0 for name in procs}, \

@@ -159,6 +159,21 @@ _GOOD = {
      "exactly one of command (a list"),
     ({"fdship_common_service_manager": "systemd"}, "is not run by systemd"),
     ({"fdship_common_service_manager": "upstart"}, "must be one of: systemd, none"),
+    # TLS: a certificate without its key, a CA alone, files missing on the
+    # controller, a center URL that does not match, TLS keys in extra config.
+    ({"fdship_common_tls_cert_src": "@cert"}, "needs both fdship_common_tls_cert_src and"),
+    ({"fdship_common_tls_ca_src": "@ca"}, "fdship_common_tls_ca_src alone is refused"),
+    ({"fdship_common_tls_cert_src": "@cert", "fdship_common_tls_key_src": "/nonexistent/k.pem"},
+     "TLS files for here missing on the controller: /nonexistent/k.pem."),
+    ({"fdship_common_tls_cert_src": "@cert", "fdship_common_tls_key_src": "@key",
+      "fdship_common_tls_ca_src": "@ca"}, None),
+    ({"fdship_common_tls_cert_src": "@cert", "fdship_common_tls_key_src": "@key",
+      "fdship_daemon_center_url": "http://127.0.0.1:7070"},
+     "fdship_daemon_center_url must start with https://"),
+    ({"fdship_daemon_extra_config": {"tls_ca": "/x.pem"}},
+     "not in fdship_daemon_extra_config"),
+    ({"fdship_center_extra_config": {"tls_cert": "/x.pem"}},
+     "not there"),
 ])
 def test_preflight_refuses_bad_settings_with_a_clear_message(
         tmp_path: Path, change: dict, message: str | None) -> None:
@@ -168,6 +183,11 @@ def test_preflight_refuses_bad_settings_with_a_clear_message(
     inv.write_text(json.dumps({"all": {"children": {
         "fdship_center": {"hosts": {"here": here}},
         "fdship_daemons": {"hosts": {"here": here}}}}}))
+    # "@name": a real (empty) file on the controller; the preflight only checks it exists.
+    for name in ("cert", "key", "ca"):
+        (tmp_path / f"{name}.pem").write_text("")
+    change = {k: str(tmp_path / f"{v[1:]}.pem") if isinstance(v, str) and v.startswith("@")
+              else v for k, v in change.items()}
     extra = _GOOD | change | {"fdship_common_token_local_file": str(tmp_path / "token")}
     proc = subprocess.run([_bin("ansible-playbook"), "-i", str(inv), "site.yml", "--tags",
                            "always", "-e", json.dumps(extra)], cwd=ANSIBLE_DIR,
