@@ -385,7 +385,8 @@ class HTTPSource:
                                   f"answering{self._plain_to_tls_hint()}")
             parts = status_line.decode("latin-1").split(" ", 2)
             if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
-                raise ProtocolError(f"the center at {self.center} did not answer HTTP")
+                raise ProtocolError(f"the center at {self.center} did not answer HTTP"
+                                    f"{self._plain_to_tls_hint()}")
             code = int(parts[1])
             resp_headers: dict[str, str] = {}
             while True:
