@@ -276,6 +276,15 @@ class SimCluster:
             else:
                 t.waiting.append((job, peer, file, chunk, size))
 
+    def _free_slot(self, t: SimHost) -> None:
+        """A fetch slot of daemon ``t`` came free: start the fetch waiting longest."""
+        t.busy_slots -= 1
+        if t.waiting:
+            job, peer, file, chunk, size = t.waiting.popleft()
+            t.busy_slots += 1
+            self._push(self.clock.now + self._delay(), _BEGIN,
+                       (job, t.name, peer, file, chunk, size))
+
     def _begin(self, job: str, target: str, peer: str, file: int, chunk: int, size: int) -> None:
         now = self.clock.now
         p, t = self.hosts[peer], self.hosts[target]
@@ -292,8 +301,9 @@ class SimCluster:
         sh = self.sched.hosts.get(peer)
         if sh is not None and p.uploads > sh.max_uploads:
             self.violations.append(f"cap exceeded: {peer} serves {p.uploads} at once")
-        if t.downloads > t.slots:
-            self.violations.append(f"cap exceeded: {target} fetches {t.downloads} at once")
+        running = sum(1 for f in t.down_flows if not f.drained)  # drained ones gave theirs back
+        if running > t.slots:
+            self.violations.append(f"cap exceeded: {target} fetches {running} at once")
         if t.first_byte is None:
             t.first_byte = now
         if t.idle_since is not None:
@@ -314,11 +324,8 @@ class SimCluster:
         tr.version = -1
         self._reflow(p, t)
         t.last_byte = now
-        t.busy_slots -= 1
-        if t.waiting:
-            job, peer, file, chunk, size = t.waiting.popleft()
-            t.busy_slots += 1
-            self._push(now + self._delay(), _BEGIN, (job, tr.target, peer, file, chunk, size))
+        if not tr.drained:
+            self._free_slot(t)
         if t.downloads == 0:
             t.idle_since = now
             t.freed.append(now)  # the downlink is idle until the next fetch begins
@@ -432,6 +439,9 @@ class SimCluster:
                 tr, version = payload
                 if tr.version == version and not tr.drained:
                     tr.drained = True
+                    # Like the real daemon, the target gives its fetch slot back at
+                    # the notice: the next pull must not wait behind this fetch.
+                    self._free_slot(self.hosts[tr.target])
                     self._push(self.clock.now + self._delay(), _CENTER,
                                FetchDraining(job=tr.job, host=tr.target, file=tr.file,
                                              chunk=tr.chunk, peer=tr.peer))

@@ -136,6 +136,11 @@ class HostState:
     max_downloads: int = 4
     uploads: int = 0  # assigned by the center, in flight
     downloads: int = 0
+    # Uploads whose target said they are about to end (FetchDraining): no
+    # longer counted in ``uploads`` (their link share is nearly spent), but
+    # the peer still serves them until the ack, so they count against its
+    # hard cap on concurrent uploads (max_uploads).
+    draining_uploads: int = 0
     reported_uploads: int = 0
     reported_downloads: int = 0
     bytes_served: int = 0
@@ -626,7 +631,7 @@ class Scheduler:
         entry = m.inflight.get(g)
         if entry is None or entry[0] != ev.peer or g not in m.loads:
             return []  # a stale notice: the fetch ended, or another one took its place
-        self._free_slots(m, g, ev.peer)
+        self._free_slots(m, g, ev.peer, draining=True)
         actions = self._serve(self.hosts.get(ev.peer), now)
         if not m.ended:
             actions += self._try(job, m, now)
@@ -760,7 +765,7 @@ class Scheduler:
         for h in self.hosts.values():
             # Give every known daemon one heartbeat timeout to show up again.
             h.alive, h.last_seen, h.want_inventory = False, now, True
-            h.uploads = h.downloads = 0
+            h.uploads = h.downloads = h.draining_uploads = 0
             h.up_load = h.down_load = 0.0
         self.free_up.clear()
         self.wakeups.clear()
@@ -832,6 +837,7 @@ class Scheduler:
     def _upd_free(self, h: HostState) -> None:
         """Keep ``free_up`` = alive hosts that can take one more upload now."""
         if (h.alive and h.uploads < placement.upload_slots(h, h.max_uploads, self.fleet_cpu)
+                and h.uploads + h.draining_uploads < max(1, h.max_uploads)
                 and h.up_load <= self.t.upload_budget - FULL_ENOUGH):
             self.free_up[h.name] = None
         else:
@@ -863,24 +869,30 @@ class Scheduler:
         job.inflight_count[g] -= 1
         self._free_slots(m, g, entry[0])
 
-    def _free_slots(self, m: Machine, g: int, peer: str) -> None:
+    def _free_slots(self, m: Machine, g: int, peer: str, draining: bool = False) -> None:
         """Give back the upload and download slot the fetch of chunk g holds.
 
-        Once per fetch: a fetch that reported ``FetchDraining`` gave its slots
-        back then, and only its ``inflight`` entry is left for the ack.
+        Once per fetch: a fetch that reported ``FetchDraining`` (``draining``)
+        gave its slots back then, and only its ``inflight`` entry and its hold
+        on the peer's hard cap (``draining_uploads``) are left for the ack.
         """
         loads = m.loads.pop(g, None)
+        p = self.hosts.get(peer)
         if loads is None:
+            if not draining and p is not None and p.draining_uploads > 0:
+                p.draining_uploads -= 1  # the drained transfer ended
+                self._upd_free(p)
             return
         up, down = loads
         t = self.hosts.get(m.name)
         if t is not None and t.downloads > 0:
             t.downloads -= 1
             t.down_load = max(0.0, t.down_load - down) if t.downloads else 0.0
-        p = self.hosts.get(peer)
         if p is not None and p.uploads > 0:
             p.uploads -= 1
             p.up_load = max(0.0, p.up_load - up) if p.uploads else 0.0
+            if draining:
+                p.draining_uploads += 1
             self._upd_free(p)
         if t is not None:
             # The freed download slot may serve any job this host is a target of.

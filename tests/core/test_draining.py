@@ -119,3 +119,20 @@ def test_notices_hide_the_round_trip_between_chunks():
         assert gap_off >= 2 * off.latency * 0.5  # a pull and a GET, at least
         assert gap_on < 0.25 * gap_off
         assert t_on < t_off
+
+
+def test_a_drained_upload_still_counts_against_the_peers_hard_cap():
+    """The peer serves a drained transfer until its ack: with max_uploads 1 the
+    notice must not put a second transfer on it; with room under the cap it does."""
+    for cap in (1, 4):
+        s = cluster(3, max_uploads=cap, max_downloads=4)
+        _, acts = submit(s, [fake_file("/a", 6 * CS, CS)], ["h1", "h2"])
+        tgt, f, c, _ = next(x for x in fetches(acts) if x[3] == "h0")
+        acts = run(s, FetchDraining(job="j1", host=tgt, file=f, chunk=c, peer="h0"), T0 + 0.4)
+        from_src = [x for x in fetches(acts) if x[3] == "h0"]
+        assert (len(from_src) == 0) if cap == 1 else (len(from_src) >= 1), (cap, from_src)
+        assert s.hosts["h0"].draining_uploads == 1
+        assert s.hosts["h0"].uploads + s.hosts["h0"].draining_uploads <= cap
+        # The ack ends the drained transfer and frees its hold on the cap.
+        run(s, ChunkStored(job="j1", host=tgt, file=f, chunk=c, peer="h0", nbytes=CS), T0 + 0.45)
+        assert s.hosts["h0"].draining_uploads == 0
