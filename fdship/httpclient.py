@@ -8,8 +8,8 @@ never see tornado's exception types.
 
 It also holds the process's TLS client settings (``configure_tls``): the CA
 file that certificates of the center and daemons are verified against, and
-whether daemons are called over HTTPS (``peer_url``).  The CLI, which has no
-config file, takes the CA file from ``$FDSHIP_TLS_CA``.
+whether daemons are called over HTTPS (``peer_url``).  The CLI and the TUI
+take the CA file from ``--tls-ca`` or ``$FDSHIP_TLS_CA`` (:mod:`fdship.clitls`).
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def _tls_hint(err: object) -> str:
     text = str(err)
     if "CERTIFICATE_VERIFY_FAILED" in text:
         return ("; the server's certificate is not signed by a trusted CA: set tls_ca (or "
-                "$FDSHIP_TLS_CA for the command line) to the CA file that signed it")
+                "--tls-ca / $FDSHIP_TLS_CA for the command line) to the CA file that signed it")
     if "WRONG_VERSION_NUMBER" in text or "record layer failure" in text:
         return "; the server does not speak TLS: use an http:// URL or turn TLS on there"
     return ""
