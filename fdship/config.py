@@ -191,6 +191,11 @@ class DaemonConfig:
     max_uploads: int = _opt(4, "concurrent chunk uploads this daemon serves", _int)
     max_downloads: int = _opt(4, "concurrent chunk downloads this daemon runs", _int)
     heartbeat_interval: float = _opt(1.0, "seconds between load reports", parse_duration)
+    watch_pidfile: list[str] = _opt([], "pidfile of a process this host exists to run, e.g. "
+                                    "the bidder (repeatable): its CPU, children included, "
+                                    "goes into the load reports as app_cpu, and the center "
+                                    "gives a host whose app is busy fewer uploads", _strlist,
+                                    True)
     fetch_timeout: float = _opt(120.0, "a chunk fetch not finished this long fails and the "
                                 "center reassigns it (keep it at most the center's "
                                 "fetch_timeout)", parse_duration)
@@ -247,6 +252,11 @@ class DaemonConfig:
         for d in self.allow_dest + self.allow_source:
             if not os.path.isabs(d):
                 raise ConfigError(f"allowed directory {d!r} must be an absolute path")
+        for p in self.watch_pidfile:
+            if not os.path.isabs(p):
+                raise ConfigError(f"watch_pidfile {p!r} must be an absolute path (the daemon "
+                                  "may run in another directory than the app), e.g. "
+                                  "/run/bidder.pid")
         if self.fault_inject and not self.allow_fault_injection:
             raise ConfigError("fault_inject is set but allow_fault_injection is not: fault "
                               "injection corrupts data and is refused unless explicitly enabled")

@@ -563,12 +563,16 @@ class Load:
     downloads: int = 0
     bytes_served: int = 0
     bytes_received: int = 0
+    # CPU of the processes the daemon watches (watch_pidfile, e.g. the bidder),
+    # children included, in percent of ONE core like top: 250 = two and a half
+    # cores.  0 when nothing is watched; absent from older daemons' reports.
+    app_cpu: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {"cpu": self.cpu, "loadavg": self.loadavg, "net_tx": self.net_tx,
                 "net_rx": self.net_rx, "disk_busy": self.disk_busy, "uploads": self.uploads,
                 "downloads": self.downloads, "bytes_served": self.bytes_served,
-                "bytes_received": self.bytes_received}
+                "bytes_received": self.bytes_received, "app_cpu": self.app_cpu}
 
     @classmethod
     def from_json(cls, obj: Any) -> Load:
@@ -579,7 +583,8 @@ class Load:
                    uploads=_nonneg(d, "uploads", "load", 0),
                    downloads=_nonneg(d, "downloads", "load", 0),
                    bytes_served=_nonneg(d, "bytes_served", "load", 0),
-                   bytes_received=_nonneg(d, "bytes_received", "load", 0))
+                   bytes_received=_nonneg(d, "bytes_received", "load", 0),
+                   app_cpu=max(0.0, _num(d, "app_cpu", "load", 0.0)))
 
 
 @dataclass(frozen=True)

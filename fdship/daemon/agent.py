@@ -33,10 +33,8 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
 import tornado.netutil
 import tornado.web
 from prometheus_client import CollectorRegistry
@@ -49,6 +47,7 @@ from fdship.config import DaemonConfig, parse_hostport, read_token
 from fdship.daemon.delta import DeltaFetcher, DeltaHandler
 from fdship.daemon.fetch import FetchError, PeerPool
 from fdship.daemon.hooks import HookRunner
+from fdship.daemon.load import LoadSampler
 from fdship.daemon.ratelimit import RateLimiter
 from fdship.daemon.serve import DownloadHandler, ServeStats
 from fdship.daemon.store import Store, free_space, hash_range
@@ -73,37 +72,6 @@ DRAIN_MAX_AGE = 2.0
 def _under(path: str, directory: str) -> bool:
     directory = directory.rstrip("/") or "/"
     return directory == "/" or path == directory or path.startswith(directory + "/")
-
-
-@dataclass
-class LoadSampler:
-    """psutil-based load figures, as rates between two samples."""
-
-    last_t: float = 0.0
-    last_net: Any = None
-    last_disk_busy: float = 0.0
-    ncpu: int = field(default_factory=lambda: psutil.cpu_count() or 1)
-
-    def __post_init__(self) -> None:
-        psutil.cpu_percent(None)  # prime: the first call always returns 0
-
-    def sample(self) -> dict[str, float]:
-        now = time.monotonic()
-        net = psutil.net_io_counters()
-        try:
-            disks = psutil.disk_io_counters(perdisk=True) or {}
-            busy = max((getattr(d, "busy_time", 0) for d in disks.values()), default=0) / 1000.0
-        except Exception:  # some kernels / containers hide disk stats
-            busy = 0.0
-        out = {"cpu": psutil.cpu_percent(None), "loadavg": os.getloadavg()[0] / self.ncpu,
-               "net_tx": 0.0, "net_rx": 0.0, "disk_busy": 0.0}
-        if self.last_net is not None and now > self.last_t:
-            dt = now - self.last_t
-            out["net_tx"] = max(0.0, (net.bytes_sent - self.last_net.bytes_sent) / dt)
-            out["net_rx"] = max(0.0, (net.bytes_recv - self.last_net.bytes_recv) / dt)
-            out["disk_busy"] = min(100.0, max(0.0, (busy - self.last_disk_busy) / dt * 100))
-        self.last_t, self.last_net, self.last_disk_busy = now, net, busy
-        return out
 
 
 class DaemonMetrics:
@@ -201,7 +169,7 @@ class Daemon:
         self.packs: dict[tuple[str, int], asyncio.Task[Any]] = {}
         self.not_live: dict[str, int] = {}
         self.counters = {"packed": 0, "pack_failed": 0}
-        self.sampler = LoadSampler()
+        self.sampler = LoadSampler(tuple(cfg.watch_pidfile))
         self._tasks: list[asyncio.Task[Any]] = []
         self._bg: set[asyncio.Task[Any]] = set()
         root = self.root_real = os.path.realpath(cfg.root)
@@ -260,7 +228,7 @@ class Daemon:
     def beat(self) -> P.Heartbeat:
         ld = self.sampler.sample()
         load = P.Load(cpu=ld["cpu"], loadavg=ld["loadavg"], net_tx=ld["net_tx"],
-                      net_rx=ld["net_rx"], disk_busy=ld["disk_busy"],
+                      net_rx=ld["net_rx"], disk_busy=ld["disk_busy"], app_cpu=ld["app_cpu"],
                       uploads=self.serve_stats.uploads_in_flight,
                       downloads=self.pool.stats.in_flight,
                       bytes_served=self.serve_stats.bytes_served,
