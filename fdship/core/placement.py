@@ -8,11 +8,27 @@ target itself, is not being avoided for serving bad data), then a score with
 named weights so operators can reason about (and tests can pin down) why a
 peer was picked.
 
-Load steers both steps.  A host whose CPU is busy well beyond the fleet's
-(a bidder burning its cores) gets fewer upload slots (:func:`upload_slots`),
-never volunteers to serve (:func:`volunteers`), and ranks below idle holders;
-"beyond the fleet's" matters because hosts that share one machine, or a
-fleet that is uniformly busy, have nowhere better to send the work.  Spare
+Load steers both steps.  A busy host gets fewer upload slots
+(:func:`upload_slots`), never volunteers to serve (:func:`volunteers`), and
+ranks below idle holders.  Busyness (:func:`busyness`, 0..1) is the larger of
+two readings:
+
+* the host's CPU, counted only beyond the fleet's: hosts that share one
+  machine, or a fleet that is uniformly busy, have nowhere better to send
+  the work.  It rises from 0 at max(60 %, fleet mean + 15 points) to 1 thirty
+  points higher;
+* the CPU of the app the host exists to run (``app_cpu``: the processes of
+  the daemon's ``watch_pidfile``, the bidder, in percent of one core like
+  ``top``), on its own scale: 0 up to 25 % of a core, 1 from 75 % (a bidder
+  using most of one core or more is busy), linear in between.  A multi-core
+  host can look idle overall while its bidder pegs a core, which host CPU
+  alone would miss.  The app's figure is not compared with the fleet's:
+  each daemon measures its own app (co-located test hosts do not share it),
+  and a bidder that is short of CPU is short whatever its neighbours do.  A
+  fleet whose apps are all busy still ships: every host keeps one upload
+  slot and serves when no idle holder has the chunk.
+
+Spare
 upload bandwidth counts too: the scheduler estimates every host's uplink from
 the chunks it served (bytes over seconds, times the transfers it ran side by
 side) and the rank prefers the peer that would give a new transfer the
@@ -38,7 +54,7 @@ class Weights:
     """Named weights of the ranking policy (all scores are 'higher is better')."""
 
     free_slots: float = 1.0  # fraction of upload slots still free
-    cpu: float = 1.5  # penalty per unit of busyness (CPU beyond the fleet's, 0..1)
+    cpu: float = 1.5  # penalty per unit of busyness (host CPU beyond the fleet's, or app CPU)
     loadavg: float = 0.5  # penalty per unit of load average per core beyond 1 (capped at 2)
     net_tx: float = 0.5  # penalty per unit of upload rate over the host's observed peak
     speed: float = 1.0  # bonus per unit of the upload share a new transfer would get,
@@ -60,6 +76,10 @@ SAMPLE = 24
 BUSY_CPU = 60.0
 BUSY_MARGIN = 15.0
 BUSY_SPAN = 30.0
+# The watched app's CPU (percent of one core) up to which the host is not busy
+# on its account, and from which it is fully busy.
+APP_IDLE = 25.0
+APP_BUSY = 75.0
 
 
 class PeerView(Protocol):
@@ -70,6 +90,7 @@ class PeerView(Protocol):
     uploads: int
     max_uploads: int
     cpu: float
+    app_cpu: float
     loadavg: float
     net_tx: float
     net_tx_peak: float
@@ -81,9 +102,15 @@ P = TypeVar("P", bound=PeerView)
 
 
 def busyness(h: PeerView, fleet_cpu: float = 0.0) -> float:
-    """0 (idle, or no busier than the fleet) .. 1 (CPU pegged well beyond the fleet)."""
+    """0 (idle) .. 1 (busy): the host's CPU beyond the fleet's, or its app's CPU.
+
+    See the module docstring for the rule; ``fleet_cpu`` is the fleet's mean
+    host CPU.
+    """
     floor = max(BUSY_CPU, fleet_cpu + BUSY_MARGIN)
-    return min(1.0, max(0.0, (h.cpu - floor) / BUSY_SPAN))
+    host = (h.cpu - floor) / BUSY_SPAN
+    app = (h.app_cpu - APP_IDLE) / (APP_BUSY - APP_IDLE)
+    return min(1.0, max(0.0, host, app))
 
 
 def upload_slots(h: PeerView, policy: int, fleet_cpu: float = 0.0) -> int:

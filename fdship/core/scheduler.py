@@ -124,6 +124,7 @@ class HostState:
     alive: bool = False
     last_seen: float = 0.0
     cpu: float = 0.0
+    app_cpu: float = 0.0  # the watched app's CPU (watch_pidfile), percent of one core
     loadavg: float = 0.0
     net_tx: float = 0.0
     net_rx: float = 0.0
@@ -520,6 +521,9 @@ class Scheduler:
         ld = b.load
         h.cpu, h.loadavg, h.net_tx, h.net_rx, h.disk_busy = (ld.cpu, ld.loadavg, ld.net_tx,
                                                              ld.net_rx, ld.disk_busy)
+        # The app the host exists to run (the bidder) counts as load of its own:
+        # placement.busyness reads it beside the host-wide CPU.
+        h.app_cpu = ld.app_cpu
         h.net_tx_peak = max(h.net_tx_peak * 0.999, ld.net_tx)
         h.reported_uploads, h.reported_downloads = ld.uploads, ld.downloads
         h.bytes_served, h.bytes_received = ld.bytes_served, ld.bytes_received

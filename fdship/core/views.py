@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fdship.core import placement
 from fdship.core.scheduler import Job, Machine, Scheduler, iso
 
 
@@ -118,7 +119,9 @@ def host_view(s: Scheduler, name: str, now: float) -> dict[str, Any]:
         "load": {"cpu": h.cpu, "loadavg": h.loadavg, "net_tx": h.net_tx, "net_rx": h.net_rx,
                  "disk_busy": h.disk_busy, "uploads": h.reported_uploads,
                  "downloads": h.reported_downloads, "bytes_served": h.bytes_served,
-                 "bytes_received": h.bytes_received},
+                 "bytes_received": h.bytes_received, "app_cpu": h.app_cpu},
+        # What the scheduler makes of the load (0 idle .. 1 busy: fewer uploads).
+        "busyness": round(placement.busyness(h, s.fleet_cpu), 3),
         "assigned": {"uploads": h.uploads, "downloads": h.downloads},
         "free": dict(h.free), "hooks": list(h.hooks), "version": h.version,
     }

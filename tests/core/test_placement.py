@@ -29,6 +29,7 @@ class Peer:
     uploads: int = 0
     max_uploads: int = 4
     cpu: float = 0.0
+    app_cpu: float = 0.0
     loadavg: float = 0.0
     net_tx: float = 0.0
     net_tx_peak: float = 0.0
