@@ -12,9 +12,10 @@ also watch that process (``watch_pidfile``, its pidfile): every sample reads
 each pidfile, measures the CPU the process and its children used since the
 last sample, and reports it as ``app_cpu`` in percent of one core, like
 ``top`` (200 = two cores busy).  A pidfile that is missing, unreadable,
-garbage, or names a process that is gone (or a pid reused by another one)
-counts as 0 and is logged once each time its state changes: the app being
-down must never stop the heartbeats that keep this daemon alive.
+garbage, or names a process that is gone (or a pid reused by another one, or
+one this daemon may not see in /proc) counts as 0 and is logged once each
+time its state changes: the app being down must never stop the heartbeats
+that keep this daemon alive.
 """
 
 from __future__ import annotations
@@ -71,7 +72,17 @@ def read_pidfile(path: str) -> tuple[int | None, str]:
     try:
         started = psutil.Process(pid).create_time()
     except psutil.NoSuchProcess:
-        return None, f"stale: pid {pid} is not running"
+        # No /proc entry: gone, or hidden from us (another user's process under
+        # hidepid or systemd's ProtectProc=invisible).  Signal 0 tells them apart.
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None, f"stale: pid {pid} is not running"
+        except PermissionError:
+            pass
+        return None, (f"pid {pid} is running but hidden from this daemon (/proc mounted with "
+                      "hidepid, or systemd's ProtectProc=invisible): let the daemon see it, "
+                      "e.g. ProtectProc=default in a drop-in for its unit")
     except psutil.Error as e:
         return None, f"pid {pid} cannot be inspected: {e}"
     if started > st.st_mtime + REUSE_SLACK:

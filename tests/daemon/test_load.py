@@ -13,8 +13,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -285,3 +287,41 @@ def test_watch_pidfile_is_a_repeatable_absolute_path_setting(tmp_path):
     assert parse(["--config", str(f)]).watch_pidfile == ["/run/bidder.pid"]
     with pytest.raises(ConfigError, match="must be an absolute path"):
         parse(["--watch-pidfile", "run/bidder.pid"])
+
+
+def test_a_process_hidden_from_the_daemon_is_named_as_such(tmp_path, spawn):
+    """A daemon running as its own user under ProtectProc=invisible (or /proc with
+    hidepid) cannot see the bidder: say so instead of calling the pidfile stale.
+    Run for real: a private mount namespace with a hidepid /proc, the reader as
+    nobody."""
+    if os.geteuid() != 0 or not all(shutil.which(t) for t in ("unshare", "setpriv")):
+        pytest.skip("needs root, unshare and setpriv to mount a hidepid /proc")
+    app = spawn("import time\ntime.sleep(20)\n")
+    # Somewhere nobody may read (pytest's own temp dirs are root's alone).
+    shared = Path(tempfile.mkdtemp(prefix="fdship-hidden-"))
+    try:
+        _hidden_check(shared, app.pid)
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def _hidden_check(shared: Path, pid: int) -> None:
+    os.chmod(shared, 0o755)
+    path = pidfile(shared, pid)
+    os.chmod(path, 0o644)
+    code = ("import sys\nsys.path.insert(0, sys.argv[1])\n"
+            "from fdship.daemon.load import read_pidfile\n"
+            "print(read_pidfile(sys.argv[2])[1])\n")
+    root = str(Path(__file__).resolve().parents[2])
+    inner = (f"mount -t proc -o hidepid=invisible proc /proc && exec setpriv --reuid 65534 "
+             f"--regid 65534 --clear-groups {sys.executable} -c \"$0\" \"$1\" \"$2\"")
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", inner,
+                        code, root, path], capture_output=True, text=True, timeout=60,
+                       check=False)
+    if r.returncode != 0 and "mount" in r.stderr:
+        pytest.skip(f"cannot mount a hidepid /proc here: {r.stderr.strip()}")
+    assert r.returncode == 0, r.stderr
+    assert f"pid {pid} is running but hidden from this daemon" in r.stdout, r.stdout
+    assert "ProtectProc=default" in r.stdout
+    # Seen by root, the same pidfile is fine.
+    assert read_pidfile(path) == (pid, "")
