@@ -9,6 +9,7 @@ TOML loader, ``docs/operations.md`` and the Ansible templates all follow them.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import socket
@@ -101,6 +102,25 @@ def _bool(v: Any, what: str) -> bool:
     raise ConfigError(f"{what}: expected true or false, got {v!r}")
 
 
+def _float(v: Any, what: str) -> float:
+    try:
+        if isinstance(v, bool):
+            raise ValueError
+        f = float(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}: expected a number like 0.5, got {v!r}") from None
+    if not math.isfinite(f):
+        raise ConfigError(f"{what}: expected a finite number, got {v!r}")
+    return f
+
+
+def _finite_duration(v: Any, what: str) -> float:
+    f = parse_duration(v, what)
+    if not math.isfinite(f):
+        raise ConfigError(f"{what}: expected a duration like 200ms or 10s, got {v!r}")
+    return f
+
+
 def _opt_size(v: Any, what: str) -> int | None:
     if v in (None, "", "none", 0, "0"):
         return None
@@ -136,6 +156,21 @@ class CenterConfig:
                              _int)
     fetch_timeout: float = _opt(120.0, "an assigned fetch with no answer this long is retried",
                                 parse_duration)
+    # The scheduler's tunables (fdship.core.scheduler.Tunables); defaults are the core's.
+    upload_budget: float = _opt(1.0, "how much of each host's uplink the scheduler fills, "
+                                "counted in transfers that would each run at the link's full "
+                                "rate (0.25 to 100; max_uploads still caps the count)", _float)
+    download_budget: float = _opt(1.0, "how much of each host's downlink the scheduler fills, "
+                                  "in full-rate transfers (0.25 to 100; max_downloads still "
+                                  "caps the count)", _float)
+    source_extra: float = _opt(0.1, "share of a file's chunks (0 to 1) the source may send a "
+                               "second time in the end game, to targets waiting on the "
+                               "rarest chunks", _float)
+    backoff_base: float = _opt(0.2, "wait before retrying a chunk after its first failed "
+                               "fetch; it doubles with every further failure (times a random "
+                               "0.5 to 1.5), up to backoff_cap", _finite_duration)
+    backoff_cap: float = _opt(10.0, "longest wait before retrying a chunk after a failed fetch "
+                              "(at least backoff_base)", _finite_duration)
     callback_attempts: int = _opt(8, "deliveries of a job's result to its callback URL before "
                                   "it is recorded as failed (backoff 0.5 s doubling, capped "
                                   "at 60 s)", _int)
@@ -168,6 +203,31 @@ class CenterConfig:
                 raise ConfigError(f"{name} must be at least 1")
         if self.heartbeat_timeout <= 0 or self.grace_period < 0:
             raise ConfigError("heartbeat_timeout must be positive and grace_period not negative")
+        validate_scheduling(self)
+
+
+def validate_scheduling(cfg: CenterConfig) -> None:
+    """The scheduler's tunables: ranges the core works in, each refusal saying what to give."""
+    for name in ("upload_budget", "download_budget"):
+        v = getattr(cfg, name)
+        # The core counts a link as full once its load is within 0.25 of the
+        # budget (FULL_ENOUGH): below that not even one transfer would start.
+        if not 0.25 <= v <= 100:
+            raise ConfigError(f"{name} must be between 0.25 and 100 full-rate transfers per "
+                              f"link, got {v:g}; below 0.25 no transfer would ever start. "
+                              "The default is 1 (one transfer at the link's full rate)")
+    if not 0 <= cfg.source_extra <= 1:
+        raise ConfigError(f"source_extra must be between 0 (the source sends every chunk once) "
+                          f"and 1 (it may send each a second time), got {cfg.source_extra:g}; "
+                          "the default is 0.1")
+    if not cfg.backoff_base > 0:
+        raise ConfigError(f"backoff_base must be more than 0 seconds, got "
+                          f"{cfg.backoff_base:g}; give e.g. 200ms (the default)")
+    if cfg.backoff_cap < cfg.backoff_base:
+        raise ConfigError(f"backoff_cap ({cfg.backoff_cap:g} s) must be at least backoff_base "
+                          f"({cfg.backoff_base:g} s): the wait after a failed fetch starts at "
+                          "backoff_base and doubles up to backoff_cap; raise backoff_cap or "
+                          "lower backoff_base")
 
 
 @dataclass
@@ -185,6 +245,10 @@ class DaemonConfig:
                                  _strlist, True)
     allow_source: list[str] = _opt([], "files shipped from here must lie under one of these",
                                    _strlist, True)
+    allow_hardlinked_sources: bool = _opt(False, "ship files under allow_source that have more "
+                                          "than one hard link (another of their names may lie "
+                                          "outside allow_source); refused by default while "
+                                          "allow_source is set", _bool)
     upload_rate: int | None = _opt(None, "upload cap in bytes/s (e.g. 50M); none by default",
                                    _opt_size)
     download_rate: int | None = _opt(None, "download cap in bytes/s; none by default", _opt_size)

@@ -7,6 +7,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import dataclasses
 from dataclasses import fields
 
 import pytest
@@ -116,3 +117,119 @@ def test_every_config_key_is_documented():
     for cls in (C.CenterConfig, C.DaemonConfig):
         for f in fields(cls):
             assert f"`{f.name}`" in text, f"docs/configuration.md misses {cls.__name__}.{f.name}"
+
+
+# ---------------------------------------------------------------------- scheduling tunables
+
+SCHEDULING = {"upload_budget": 1.0, "download_budget": 1.0, "source_extra": 0.1,
+              "backoff_base": 0.2, "backoff_cap": 10.0}
+
+
+def test_scheduling_keys_default_to_the_cores_tunables():
+    """The config's defaults are the scheduler's own: leaving a key out changes nothing."""
+    from fdship.center.runner import tunables_from
+    from fdship.core.scheduler import Tunables
+
+    cfg = parse(C.CenterConfig, [])
+    core = Tunables()
+    for name, value in SCHEDULING.items():
+        assert getattr(cfg, name) == getattr(core, name) == value, name
+    assert tunables_from(cfg) == Tunables(chunk_size=cfg.chunk_size)
+
+
+def test_scheduling_keys_from_flags_and_file(tmp_path):
+    from fdship.center.runner import tunables_from
+
+    f = tmp_path / "c.toml"
+    f.write_text('upload_budget = 2\ndownload_budget = "1.5"\nsource_extra = 0\n'
+                 'backoff_base = "500ms"\nbackoff_cap = "1m"\n')
+    cfg = parse(C.CenterConfig, ["--config", str(f), "--upload-budget", "3.5",
+                                 "--backoff-cap", "90s"])
+    assert (cfg.upload_budget, cfg.download_budget, cfg.source_extra, cfg.backoff_base,
+            cfg.backoff_cap) == (3.5, 1.5, 0.0, 0.5, 90.0)
+    t = tunables_from(cfg)
+    assert (t.upload_budget, t.download_budget, t.source_extra, t.backoff_base,
+            t.backoff_cap) == (3.5, 1.5, 0.0, 0.5, 90.0)
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--upload-budget", "0.2"], "upload_budget must be between 0.25 and 100"),
+    (["--upload-budget", "101"], "upload_budget must be between 0.25 and 100"),
+    (["--download-budget", "0"], "download_budget must be between 0.25 and 100"),
+    (["--download-budget", "-1"], "download_budget must be between 0.25 and 100"),
+    (["--upload-budget", "lots"], "upload_budget: expected a number like 0.5"),
+    (["--upload-budget", "nan"], "upload_budget: expected a finite number"),
+    (["--download-budget", "inf"], "download_budget: expected a finite number"),
+    (["--source-extra", "1.5"], "source_extra must be between 0"),
+    (["--source-extra", "-0.1"], "source_extra must be between 0"),
+    (["--source-extra", "half"], "source_extra: expected a number"),
+    (["--backoff-base", "0"], "backoff_base must be more than 0 seconds"),
+    (["--backoff-base", "soon"], "backoff_base: 'soon' is not a duration"),
+    (["--backoff-cap", "-1"], "is not a duration"),
+    (["--backoff-base", "20s"], r"backoff_cap \(10 s\) must be at least backoff_base \(20 s\)"),
+    (["--backoff-base", "2s", "--backoff-cap", "1s"], "raise backoff_cap or lower"),
+])
+def test_bad_scheduling_values_are_refused_with_a_sentence(argv, msg):
+    with pytest.raises(ConfigError, match=msg):
+        parse(C.CenterConfig, argv)
+
+
+@pytest.mark.parametrize("toml,msg", [
+    ("upload_budget = nan\n", "expected a finite number"),
+    ("backoff_cap = inf\n", "expected a duration like 200ms"),
+    ("source_extra = true\n", "expected a number"),
+    ("download_budget = [1]\n", "expected a number"),
+])
+def test_bad_scheduling_values_in_a_file(tmp_path, toml, msg):
+    f = tmp_path / "c.toml"
+    f.write_text(toml)
+    with pytest.raises(ConfigError, match=msg):
+        parse(C.CenterConfig, ["--config", str(f)])
+
+
+def test_center_refuses_a_bad_scheduling_value_with_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "fdship", "center", "--data-dir",
+                        str(tmp_path / "c"), "--listen", "127.0.0.1:0", "--upload-budget",
+                        "0.1"], capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1, r.stderr
+    assert "upload_budget must be between 0.25 and 100" in lines[0]
+    assert not (tmp_path / "c").exists()  # refused before anything was created
+
+
+def test_allow_hardlinked_sources_is_off_unless_asked(tmp_path):
+    assert parse(C.DaemonConfig, ["--name", "n"]).allow_hardlinked_sources is False
+    assert parse(C.DaemonConfig, ["--name", "n", "--allow-hardlinked-sources"]) \
+        .allow_hardlinked_sources is True
+    f = tmp_path / "d.toml"
+    f.write_text("allow_hardlinked_sources = true\n")
+    assert parse(C.DaemonConfig, ["--config", str(f), "--name", "n"]).allow_hardlinked_sources
+    f.write_text('allow_hardlinked_sources = "maybe"\n')
+    with pytest.raises(ConfigError, match="allow_hardlinked_sources: expected true or false"):
+        parse(C.DaemonConfig, ["--config", str(f), "--name", "n"])
+
+
+def _doc_rows(section: str) -> dict[str, tuple[str, str]]:
+    """{key: (default, meaning)} from one table of docs/configuration.md."""
+    text = DOC.read_text().split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("| `"):
+            key, default, meaning = (c.strip() for c in line.strip("|").split(" | ", 2))
+            rows[key.strip("`")] = (default.strip("`"), meaning)
+    return rows
+
+
+@pytest.mark.parametrize("cls,section", [(C.CenterConfig, "Center"),
+                                         (C.DaemonConfig, "Daemon")])
+def test_documented_defaults_and_meanings_follow_the_dataclass(cls, section):
+    """The page is kept by hand: every row's default and meaning must be the field's own."""
+    rows = _doc_rows(section)
+    assert list(rows) == [f.name for f in fields(cls)], "rows must follow the dataclass order"
+    for f in fields(cls):
+        if f.metadata.get("file_only"):
+            continue
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        shown = '""' if default == "" else str(default)
+        assert rows[f.name] == (shown, f.metadata["help"]), f.name

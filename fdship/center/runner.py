@@ -51,7 +51,20 @@ def tunables_from(cfg: CenterConfig) -> Tunables:
                     grace_period=cfg.grace_period, max_uploads=cfg.max_uploads,
                     max_downloads=cfg.max_downloads, max_attempts=cfg.max_attempts,
                     fetch_timeout=cfg.fetch_timeout, retention=cfg.retention,
-                    max_files=cfg.max_files, max_machines=cfg.max_machines)
+                    max_files=cfg.max_files, max_machines=cfg.max_machines,
+                    upload_budget=cfg.upload_budget, download_budget=cfg.download_budget,
+                    source_extra=cfg.source_extra, backoff_base=cfg.backoff_base,
+                    backoff_cap=cfg.backoff_cap)
+
+
+def describe_tunables(t: Tunables) -> str:
+    """One log line with the scheduling settings a center runs with, read back from
+    its scheduler (not from the config), so the log shows what is really in force."""
+    return (f"scheduling: upload_budget={t.upload_budget:g} "
+            f"download_budget={t.download_budget:g} source_extra={t.source_extra:g} "
+            f"backoff_base={t.backoff_base:g}s backoff_cap={t.backoff_cap:g}s "
+            f"max_attempts={t.max_attempts} max_uploads={t.max_uploads} "
+            f"max_downloads={t.max_downloads}")
 
 
 def encode_record(ev: Event, now: float) -> bytes:
@@ -177,6 +190,7 @@ class Runner:
         notes = list(rec.notes)
         notes.append(f"recovered {len(self.sched.jobs)} jobs and {len(self.sched.hosts)} hosts "
                      f"(checkpoint at LSN {rec.checkpoint_lsn}, {self.replayed} records replayed)")
+        notes.append(describe_tunables(self.sched.t))
         if self.sched.jobs:
             self._last_id = max(self.sched.jobs)
         for job in self.sched.jobs.values():
