@@ -135,7 +135,11 @@ class Daemon:
         self.token = token
         self.name = cfg.name
         self.boot_id = uuid.uuid4().hex
-        self.store = Store(cfg.data_dir, cfg.root)
+        # The store confines writes to the same directories the checks below
+        # allow (reached through directory fds, links below them refused), and
+        # refuses hard-linked sources while allow_source confines them.
+        self.store = Store(cfg.data_dir, cfg.root, allow_dest=cfg.allow_dest,
+                           allow_hardlinked_sources=cfg.allow_hardlinked_sources)
         self.up_limiter = RateLimiter(cfg.upload_rate)
         self.down_limiter = RateLimiter(cfg.download_rate)
         # TLS is all or nothing across a cluster: serving HTTPS means peers do too.
@@ -145,7 +149,8 @@ class Daemon:
                              stall_timeout=cfg.fetch_stall_timeout, drain_lead=cfg.fetch_lead)
         self.serve_stats = ServeStats()
         # Ship only what changed: chunks the old copy at the destination still holds.
-        self.delta = DeltaFetcher(token=token, limiter=self.down_limiter)
+        self.delta = DeltaFetcher(token=token, limiter=self.down_limiter,
+                                  connect_timeout=cfg.connect_timeout)
         self.center = CenterClient(cfg.center, token)
         self.hooks = HookRunner(cfg.hooks)
         # Hooks run once per job: a pack for the hook repeated by a restarted
@@ -390,7 +395,18 @@ class Daemon:
     def check_dest_allowed(self, final: str) -> None:
         # The directory is resolved, the name is not: the install renames onto the
         # name, which replaces a symbolic link planted there instead of following it.
-        real = os.path.join(os.path.realpath(os.path.dirname(final)), os.path.basename(final))
+        try:
+            real = os.path.join(os.path.realpath(os.path.dirname(final)),
+                                os.path.basename(final))
+        except OSError as e:
+            # realpath reads each link it meets; one swapped for a directory
+            # between its lstat and its readlink fails with EINVAL.  Only a
+            # directory changing under us does that: refuse this destination
+            # (the center retries elsewhere or reports it) rather than answer 500.
+            raise LocalIOError(f"destination {final} cannot be checked on {self.name}: a "
+                               f"directory on its way changed while it was resolved "
+                               f"({e.strerror}); try again, and check that nothing keeps "
+                               "replacing directories there with links") from None
         if self.allow_dest_real and not any(_under(real, d) for d in self.allow_dest_real):
             raise LocalIOError(f"destination {final} is not allowed on {self.name}: it resolves "
                                f"to {real}, outside allow_dest ({', '.join(self.cfg.allow_dest)})")
@@ -590,7 +606,12 @@ class Daemon:
     def check_source(self, path: str) -> None:
         if not isinstance(path, str) or not os.path.isabs(path) or "\0" in path:
             raise BadRequest(f"{path!r} is not an absolute path: name files by their full path")
-        real = os.path.realpath(path)
+        try:
+            real = os.path.realpath(path)
+        except OSError as e:  # a link on the way was replaced while it was read
+            raise BadRequest(f"{path} cannot be resolved: a directory on its way changed "
+                             f"while it was read ({e.strerror}); try again once it stays "
+                             "put") from None
         if self.allow_source_real and not any(_under(real, d) for d in self.allow_source_real):
             raise BadRequest(f"{path} is outside the directories this daemon may ship from "
                              f"({', '.join(self.cfg.allow_source)}); move it there or add its "
@@ -651,9 +672,11 @@ class Daemon:
         for path in req.files:
             self.check_source(path)
         loop = asyncio.get_running_loop()
+        # Store.snapshot's rule: sources are confined unless "/" itself is allowed.
+        hardlinks_ok = self.cfg.allow_hardlinked_sources or self.source_allowed("/")
         for path in req.files:
-            if await loop.run_in_executor(None, _file_xxh3, path,
-                                          self.source_allowed) != want[path]:
+            if await loop.run_in_executor(None, _file_xxh3, path, self.source_allowed,
+                                          hardlinks_ok) != want[path]:
                 return None
         return (f"unchanged: {len(req.files)} file(s) hash as the last shipped version "
                 "did; nothing to ship")
@@ -680,9 +703,18 @@ class Daemon:
 # ---------------------------------------------------------------------- handlers
 
 
-def _file_xxh3(path: str, allowed: Callable[[str], bool]) -> str | None:
-    """xxh3-64 of a regular file's bytes (streamed), or None if it cannot be read
-    or what was opened lies outside allow_source (a link swapped in after the check)."""
+def _file_xxh3(path: str, allowed: Callable[[str], bool],
+               hardlinks_ok: bool = True) -> str | None:
+    """xxh3-64 of a regular file's bytes (streamed), or None if it cannot be read,
+    what was opened lies outside allow_source (a link swapped in after the check),
+    or it has more than one hard link and ``hardlinks_ok`` is false.
+
+    The same rules as ``Store.snapshot``: otherwise a hard link inside
+    allow_source to a file outside it would let anyone who may submit test a
+    guessed hash of that file ("skipped" or not) without it ever being shipped.
+    None sends the request on to ``submit``, whose snapshot refuses it with the
+    same sentence whatever the guess.
+    """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
@@ -692,6 +724,8 @@ def _file_xxh3(path: str, allowed: Callable[[str], bool]) -> str | None:
             return None
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
+            return None
+        if st.st_nlink > 1 and not hardlinks_ok:
             return None
         return hash_range(fd, 0, st.st_size)
     except OSError:

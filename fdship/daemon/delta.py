@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from urllib.parse import quote
 
 import xxhash
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from fdship import protocol as P
 from fdship.daemon.ratelimit import RateLimiter
@@ -240,9 +240,14 @@ def open_old(path: str) -> tuple[int, int] | None:
 class DeltaFetcher:
     """The target's side: try to build a chunk from the old copy plus fetched ranges."""
 
-    def __init__(self, token: str = "", limiter: RateLimiter | None = None) -> None:
+    def __init__(self, token: str = "", limiter: RateLimiter | None = None,
+                 connect_timeout: float = 1.0) -> None:
         self.token = token
         self.limiter = limiter if limiter is not None and limiter.enabled else None
+        # The daemon's connect_timeout, as for full fetches: a peer that cannot
+        # be reached this fast is not worth a delta, and the full fetch that
+        # follows reports it.
+        self.connect_timeout = connect_timeout
         self.stats = DeltaStats()
 
     async def fetch(self, job: str, f: P.Fetch, final_path: str, write_fd: int,
@@ -324,13 +329,17 @@ class DeltaFetcher:
         if self.token:
             headers["Authorization"] = "Bearer " + self.token
         req = HTTPRequest(url, method="POST", body=body, headers=headers,
-                          request_timeout=timeout, connect_timeout=5.0,
+                          request_timeout=timeout, connect_timeout=self.connect_timeout,
                           ssl_options=cluster_ssl_context() if url.startswith("https:") else
                           None, decompress_response=False)
         try:
             resp = await AsyncHTTPClient().fetch(req, raise_error=False)
         except OSError as e:
             raise _Skip(f"cannot reach {peer}: {e.strerror or e}") from None
+        except HTTPClientError as e:
+            # raise_error=False turns only HTTP statuses into answers: a connect or
+            # request timeout (599) still raises, and must cost the delta, not the fetch.
+            raise _Skip(f"no answer from {peer}: {e}") from None
         if resp.code != 200:
             raise _Skip(f"HTTP {resp.code}")
         data = resp.body or b""
