@@ -29,8 +29,11 @@ from .conftest import TOKEN, Raw, SecCluster, announce_body
 # the token is checked before the id is looked up.
 CENTER_ROUTES = [
     ("POST", "/center/job"), ("POST", "/center/ack"), ("POST", "/center/fin"),
-    ("POST", "/center/heartbeat"), ("GET", "/center/jobs"), ("GET", "/center/jobs/X1"),
-    ("GET", "/center/hosts"), ("GET", "/center/events"), ("GET", "/center/nonexistent"),
+    ("POST", "/center/draining"), ("POST", "/center/heartbeat"), ("GET", "/center/jobs"),
+    ("GET", "/center/jobs/X1"), ("GET", "/center/hosts"), ("GET", "/center/events"),
+    ("GET", "/center/schedules"), ("POST", "/center/schedules"),
+    ("GET", "/center/schedules/S1"), ("DELETE", "/center/schedules/S1"),
+    ("GET", "/center/schedules/S1/history"), ("GET", "/center/nonexistent"),
 ]
 DAEMON_ROUTES = [
     ("POST", "/daemon/api"), ("POST", "/daemon/pull"), ("POST", "/daemon/pack"),
@@ -108,6 +111,38 @@ def test_every_endpoint_but_metrics_wants_the_token(secured: SecCluster, which: 
         assert st in (401, 405), (method, st)
     st, data = Raw(c, port).send("GET", "/metrics", token=None)
     assert st == 200 and b"# HELP" in data
+
+
+def test_drain_notices_want_the_token(secured: SecCluster) -> None:
+    """POST /center/draining frees slots at once and is never logged, so a forged notice
+    would be cheap to send: without the token even a well-formed one is refused, before
+    it is parsed, and counted nowhere."""
+    c = secured
+    notice = json.dumps({"host": "d0", "drains": [{"job": "J1", "file": 0, "chunk": 0,
+                                                   "peer": "d0"}]}).encode()
+
+    def ignored_total() -> float:
+        st, data = Raw(c, c.center.port).send("GET", "/metrics", token=None)
+        assert st == 200
+        for line in data.decode().splitlines():
+            if line.startswith('fdship_drain_notices_total{outcome="ignored"}'):
+                return float(line.split()[-1])
+        raise AssertionError("fdship_drain_notices_total is not exported")
+
+    before = ignored_total()
+    for hdr in BAD_AUTH:
+        raw = Raw(c, c.center.port)
+        st, data = raw.send("POST", "/center/draining", notice, headers=hdr, token=None)
+        raw.close()
+        assert st == 401, (hdr, st, data)
+        assert "token" in json.loads(data)["error"]
+    assert ignored_total() == before, "a notice without the token reached the handler"
+    # With the token the same notice is read, and ignored (no such running job).
+    raw = Raw(c, c.center.port)
+    st, data = raw.send("POST", "/center/draining", notice)
+    raw.close()
+    assert st == 200 and json.loads(data) == {"ok": True, "ignored": 1}, (st, data)
+    assert ignored_total() == before + 1
 
 
 def test_the_token_never_reaches_a_log(secured: SecCluster) -> None:

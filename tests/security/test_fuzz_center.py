@@ -11,9 +11,10 @@ After every request the harness (``conftest.Fuzzer``) checks: no 5xx, strict
 JSON in every answer, every process alive, and the center's jobs, hosts and
 REDO log unchanged.  The only valid requests the fuzz may produce are
 heartbeats, which register the fake host they name (``hb-...``): that change
-is checked to touch that host only.  Reports (acks, fins) that name no
-running job are answered 200 but change nothing, which the harness verifies
-like a rejection.
+is checked to touch that host only.  Reports (acks, fins, drain notices)
+that name no running job are answered 200 but change nothing, which the
+harness verifies like a rejection; drain notices, which are never logged,
+are also checked against the center's counter: none reaches the scheduler.
 
 ``FDSHIP_FUZZ_EXAMPLES`` sets the examples per endpoint (default 150);
 ``FDSHIP_FUZZ_REPORT=file.json`` collects the counts for docs/reliability.md.
@@ -150,11 +151,18 @@ def fin_example(fz: Fuzzer) -> dict[str, Any]:
             "kind": "local", "hook": {"exit": 0, "output": "x"}}
 
 
-@pytest.mark.parametrize("path", [P.CENTER_JOB, P.CENTER_HEARTBEAT, P.CENTER_ACK, P.CENTER_FIN])
+def drain_example(fz: Fuzzer) -> dict[str, Any]:
+    return {"host": "d1", "drains": [{"job": fz.job, "file": 0, "chunk": 0,  # type: ignore[attr-defined]
+                                      "peer": "d0"}]}
+
+
+@pytest.mark.parametrize("path", [P.CENTER_JOB, P.CENTER_HEARTBEAT, P.CENTER_ACK, P.CENTER_FIN,
+                                  P.CENTER_DRAINING])
 def test_sweep_every_field_with_extreme_values(fz: Fuzzer, path: str) -> None:
     """Systematic part: every field of a valid-shaped message, each extreme value."""
     example = {P.CENTER_JOB: lambda: job_example(fz), P.CENTER_HEARTBEAT: beat_example,
-               P.CENTER_ACK: lambda: ack_example(fz), P.CENTER_FIN: lambda: fin_example(fz)}
+               P.CENTER_ACK: lambda: ack_example(fz), P.CENTER_FIN: lambda: fin_example(fz),
+               P.CENTER_DRAINING: lambda: drain_example(fz)}
     real = {d.name for d in fz.c.daemons}
     sent = 0
     for desc, obj in sweep(example[path]()):
@@ -252,6 +260,43 @@ def _fin_template(fz: Fuzzer) -> Any:
 def test_fuzz_center_fin(fz: Fuzzer, data: Any) -> None:
     req: Req = data.draw(post_cases(P.CENTER_FIN, _fin_template(fz)))
     fz.check("POST /center/fin", fz.c.center.port, req)
+
+
+def _drain_template(fz: Fuzzer) -> Any:
+    drain = st.fixed_dictionaries({
+        "job": _job_id(fz), "file": st.sampled_from([0, 1, 7]),
+        "chunk": st.sampled_from([0, 3, 99]), "peer": st.sampled_from(["d0", "d1", "x"])})
+    return st.fixed_dictionaries({"host": st.sampled_from(["d1", "d0", "hb-x", "nosuch"]),
+                                  "drains": st.lists(drain, min_size=1, max_size=3)})
+
+
+def _drain_counts(fz: Fuzzer) -> dict[str, float]:
+    st_, data = fz.state_raw.send("GET", "/metrics", token=None)
+    assert st_ == 200
+    out = {}
+    for line in data.decode().splitlines():
+        if line.startswith("fdship_drain_notices_total{"):
+            out[line.split('"')[1]] = float(line.split()[-1])
+    assert set(out) == {"accepted", "ignored"}, out
+    return out
+
+
+@FUZZ
+@given(data=st.data())
+def test_fuzz_center_draining(fz: Fuzzer, data: Any) -> None:
+    """Drain notices free slots at once and are never logged: fuzzed ones must be refused
+    or ignored (no job runs), change nothing, and never reach the scheduler."""
+    req: Req = data.draw(post_cases(P.CENTER_DRAINING, _drain_template(fz)))
+    before = _drain_counts(fz)
+    st_ = fz.check("POST /center/draining", fz.c.center.port, req)
+    after = _drain_counts(fz)
+    assert after["accepted"] == before["accepted"] == 0, (before, after)
+    if st_ == 200:  # a valid batch: every notice in it counted as ignored
+        assert req.body is not None
+        n = len(P.DrainBatch.from_json(json.loads(req.body)).drains)
+        assert after["ignored"] == before["ignored"] + n, (before, after, req.body)
+    else:
+        assert after == before, (before, after)
 
 
 # ---------------------------------------------------------------------- GET endpoints
