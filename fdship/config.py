@@ -260,6 +260,10 @@ class DaemonConfig:
                                     "goes into the load reports as app_cpu, and the center "
                                     "gives a host whose app is busy fewer uploads", _strlist,
                                     True)
+    watch_busy_cpu: float = _opt(75.0, "app CPU (watch_pidfile, percent of one core, like top) "
+                                 "at which the host counts as fully busy; from a third of it "
+                                 "the host serves less. Raise it for a multi-threaded app, "
+                                 "e.g. 800 for one that may use eight cores", _float)
     fetch_timeout: float = _opt(120.0, "a chunk fetch not finished this long fails and the "
                                 "center reassigns it (keep it at most the center's "
                                 "fetch_timeout)", parse_duration)
@@ -321,6 +325,10 @@ class DaemonConfig:
                 raise ConfigError(f"watch_pidfile {p!r} must be an absolute path (the daemon "
                                   "may run in another directory than the app), e.g. "
                                   "/run/bidder.pid")
+        if not 1.0 <= self.watch_busy_cpu <= 100_000.0:
+            raise ConfigError(f"watch_busy_cpu {self.watch_busy_cpu:g} must be between 1 and "
+                              "100000 (percent of one core: 75 is three quarters of a core, "
+                              "800 is eight cores)")
         if self.fault_inject and not self.allow_fault_injection:
             raise ConfigError("fault_inject is set but allow_fault_injection is not: fault "
                               "injection corrupts data and is refused unless explicitly enabled")

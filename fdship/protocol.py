@@ -567,12 +567,17 @@ class Load:
     # children included, in percent of ONE core like top: 250 = two and a half
     # cores.  0 when nothing is watched; absent from older daemons' reports.
     app_cpu: float = 0.0
+    # The app CPU (same unit) at which this host counts as fully busy: the
+    # daemon's watch_busy_cpu, so each host's app is judged on its own scale
+    # (a bidder built to use eight cores is not busy at two).
+    app_cpu_busy: float = 75.0
 
     def to_json(self) -> dict[str, Any]:
         return {"cpu": self.cpu, "loadavg": self.loadavg, "net_tx": self.net_tx,
                 "net_rx": self.net_rx, "disk_busy": self.disk_busy, "uploads": self.uploads,
                 "downloads": self.downloads, "bytes_served": self.bytes_served,
-                "bytes_received": self.bytes_received, "app_cpu": self.app_cpu}
+                "bytes_received": self.bytes_received, "app_cpu": self.app_cpu,
+                "app_cpu_busy": self.app_cpu_busy}
 
     @classmethod
     def from_json(cls, obj: Any) -> Load:
@@ -584,7 +589,8 @@ class Load:
                    downloads=_nonneg(d, "downloads", "load", 0),
                    bytes_served=_nonneg(d, "bytes_served", "load", 0),
                    bytes_received=_nonneg(d, "bytes_received", "load", 0),
-                   app_cpu=max(0.0, _num(d, "app_cpu", "load", 0.0)))
+                   app_cpu=max(0.0, _num(d, "app_cpu", "load", 0.0)),
+                   app_cpu_busy=max(1.0, _num(d, "app_cpu_busy", "load", 75.0)))
 
 
 @dataclass(frozen=True)

@@ -198,7 +198,8 @@ class SimCluster:
                       net_tx=sum(f.rate for f in h.up_flows),
                       net_rx=sum(f.rate for f in h.down_flows), uploads=h.uploads,
                       downloads=h.downloads, bytes_served=h.bytes_up,
-                      bytes_received=h.bytes_down)
+                      bytes_received=h.bytes_down, app_cpu=ld.app_cpu,
+                      app_cpu_busy=ld.app_cpu_busy)
         return HostReported(beat=Heartbeat(name=name, address=f"{name}:7071", boot_id="b1",
                                            labels=h.labels, load=ld,
                                            max_uploads=self.sched.t.max_uploads,

@@ -19,8 +19,9 @@ two readings:
   points higher;
 * the CPU of the app the host exists to run (``app_cpu``: the processes of
   the daemon's ``watch_pidfile``, the bidder, in percent of one core like
-  ``top``), on its own scale: 0 up to 25 % of a core, 1 from 75 % (a bidder
-  using most of one core or more is busy), linear in between.  A multi-core
+  ``top``), on its own scale: 1 from the daemon's ``watch_busy_cpu``
+  (``app_cpu_busy``, 75 % of a core by default: raise it for an app built
+  to use many cores), 0 up to a third of that, linear in between.  A multi-core
   host can look idle overall while its bidder pegs a core, which host CPU
   alone would miss.  The app's figure is not compared with the fleet's:
   each daemon measures its own app (co-located test hosts do not share it),
@@ -76,10 +77,12 @@ SAMPLE = 24
 BUSY_CPU = 60.0
 BUSY_MARGIN = 15.0
 BUSY_SPAN = 30.0
-# The watched app's CPU (percent of one core) up to which the host is not busy
-# on its account, and from which it is fully busy.
-APP_IDLE = 25.0
+# The watched app's CPU (percent of one core) from which a host is fully busy
+# on its account, unless its daemon says otherwise (watch_busy_cpu, reported
+# as ``app_cpu_busy``); below a third of that it is not busy at all.
 APP_BUSY = 75.0
+APP_IDLE_SHARE = 1.0 / 3.0
+APP_IDLE = APP_BUSY * APP_IDLE_SHARE
 
 
 class PeerView(Protocol):
@@ -91,6 +94,7 @@ class PeerView(Protocol):
     max_uploads: int
     cpu: float
     app_cpu: float
+    app_cpu_busy: float
     loadavg: float
     net_tx: float
     net_tx_peak: float
@@ -109,7 +113,9 @@ def busyness(h: PeerView, fleet_cpu: float = 0.0) -> float:
     """
     floor = max(BUSY_CPU, fleet_cpu + BUSY_MARGIN)
     host = (h.cpu - floor) / BUSY_SPAN
-    app = (h.app_cpu - APP_IDLE) / (APP_BUSY - APP_IDLE)
+    busy_at = h.app_cpu_busy if h.app_cpu_busy > 0 else APP_BUSY
+    idle_at = busy_at * APP_IDLE_SHARE
+    app = (h.app_cpu - idle_at) / (busy_at - idle_at)
     return min(1.0, max(0.0, host, app))
 
 

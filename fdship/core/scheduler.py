@@ -125,6 +125,7 @@ class HostState:
     last_seen: float = 0.0
     cpu: float = 0.0
     app_cpu: float = 0.0  # the watched app's CPU (watch_pidfile), percent of one core
+    app_cpu_busy: float = placement.APP_BUSY  # ...at which the host is fully busy
     loadavg: float = 0.0
     net_tx: float = 0.0
     net_rx: float = 0.0
@@ -524,6 +525,7 @@ class Scheduler:
         # The app the host exists to run (the bidder) counts as load of its own:
         # placement.busyness reads it beside the host-wide CPU.
         h.app_cpu = ld.app_cpu
+        h.app_cpu_busy = ld.app_cpu_busy
         h.net_tx_peak = max(h.net_tx_peak * 0.999, ld.net_tx)
         h.reported_uploads, h.reported_downloads = ld.uploads, ld.downloads
         h.bytes_served, h.bytes_received = ld.bytes_served, ld.bytes_received
@@ -1137,12 +1139,16 @@ class Scheduler:
                      and m.retry_at.get(g, 0.0) <= now and m.last_failed_peer.get(g) != h.name]
             if not cands:
                 return
-            # The target best placed to pass the chunk on: a link known to be
-            # fast, else one not measured yet, never a slow one while others
-            # wait (a first copy stuck on a slow link holds up the whole
-            # swarm); then fewest uploads under way; then at random.
+            # The target best placed to pass the chunk on: one that is not
+            # busy (a busy host serves only what nobody else holds, so a first
+            # copy there makes it serve after all); a link known to be fast,
+            # else one not measured yet, never a slow one while others wait (a
+            # first copy stuck on a slow link holds up the whole swarm); then
+            # fewest uploads under way; then at random.
             fastest = max(t.down_rate for _, t in cands)
+            fleet = self.fleet_cpu
             m, t = min(cands, key=lambda mt: (
+                not placement.volunteers(mt[1], fleet),
                 0 if mt[1].down_rate >= 0.5 * fastest > 0 else 1 if mt[1].down_rate <= 0 else 2,
                 mt[1].uploads, self.rng.random()))
             self._assign(job, m, t, h, g, now, batch)

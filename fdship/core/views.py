@@ -119,7 +119,8 @@ def host_view(s: Scheduler, name: str, now: float) -> dict[str, Any]:
         "load": {"cpu": h.cpu, "loadavg": h.loadavg, "net_tx": h.net_tx, "net_rx": h.net_rx,
                  "disk_busy": h.disk_busy, "uploads": h.reported_uploads,
                  "downloads": h.reported_downloads, "bytes_served": h.bytes_served,
-                 "bytes_received": h.bytes_received, "app_cpu": h.app_cpu},
+                 "bytes_received": h.bytes_received, "app_cpu": h.app_cpu,
+                 "app_cpu_busy": h.app_cpu_busy},
         # What the scheduler makes of the load (0 idle .. 1 busy: fewer uploads).
         "busyness": round(placement.busyness(h, s.fleet_cpu), 3),
         "assigned": {"uploads": h.uploads, "downloads": h.downloads},

@@ -234,6 +234,7 @@ class Daemon:
         ld = self.sampler.sample()
         load = P.Load(cpu=ld["cpu"], loadavg=ld["loadavg"], net_tx=ld["net_tx"],
                       net_rx=ld["net_rx"], disk_busy=ld["disk_busy"], app_cpu=ld["app_cpu"],
+                      app_cpu_busy=self.cfg.watch_busy_cpu,
                       uploads=self.serve_stats.uploads_in_flight,
                       downloads=self.pool.stats.in_flight,
                       bytes_served=self.serve_stats.bytes_served,

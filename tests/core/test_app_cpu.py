@@ -32,6 +32,7 @@ class Peer:
     max_uploads: int = 4
     cpu: float = 0.0
     app_cpu: float = 0.0
+    app_cpu_busy: float = 75.0
     loadavg: float = 0.0
     net_tx: float = 0.0
     net_tx_peak: float = 0.0
@@ -152,3 +153,34 @@ def test_host_serves_again_once_its_bidder_calms_down_and_hosts_view_shows_it():
     assert placement.upload_slots(h1, h1.max_uploads, s.fleet_cpu) == h1.max_uploads
     assert "h1" in s.free_up
     assert views.hosts_list(s, T0 + 2)["hosts"][1]["load"]["app_cpu"] == 3.0
+
+
+def test_each_host_judges_its_app_on_the_scale_its_daemon_reports():
+    """watch_busy_cpu (app_cpu_busy): a bidder built to use eight cores is not
+    busy at two, while the default scale would call it fully busy."""
+    b = placement.busyness
+    assert b(Peer(app_cpu=200.0)) == 1.0  # default scale: 75 % of a core is busy
+    wide = Peer(app_cpu=200.0, app_cpu_busy=800.0)
+    assert b(wide) == 0.0  # a quarter of its eight cores: below a third, idle
+    assert placement.volunteers(wide)
+    assert b(Peer(app_cpu=800.0, app_cpu_busy=800.0)) == 1.0
+    assert 0.0 < b(Peer(app_cpu=500.0, app_cpu_busy=800.0)) < 1.0
+
+
+def test_the_source_gives_first_copies_to_idle_targets_before_a_busy_one():
+    """A first copy on a busy host would make it serve (it alone holds the
+    chunk): while idle targets wait, the source hands first copies to them."""
+    from fdship.core.actions import AssignFetch
+    from fdship.core.events import HostReported
+    from fdship.protocol import Heartbeat, Load
+    from tests.core.test_scheduler import run, submit, cluster, CS
+    from fdship.testing import fake_file
+
+    s = cluster(5, max_uploads=4, max_downloads=4)
+    run(s, HostReported(beat=Heartbeat(name="h1", address="10.0.0.2:7071", boot_id="b1",
+                                       load=Load(cpu=5.0, app_cpu=95.0))))
+    _, acts = submit(s, [fake_file("/a", 8 * CS, CS)], ["h1", "h2", "h3", "h4"])
+    first = [(a.target, f.peer_name) for a in acts if isinstance(a, AssignFetch)
+             for f in a.fetches]
+    assert first and all(p == "h0" for _, p in first)
+    assert "h1" not in {t for t, _ in first}, first

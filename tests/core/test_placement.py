@@ -30,6 +30,7 @@ class Peer:
     max_uploads: int = 4
     cpu: float = 0.0
     app_cpu: float = 0.0
+    app_cpu_busy: float = 75.0
     loadavg: float = 0.0
     net_tx: float = 0.0
     net_tx_peak: float = 0.0

@@ -287,6 +287,12 @@ def test_watch_pidfile_is_a_repeatable_absolute_path_setting(tmp_path):
     assert parse(["--config", str(f)]).watch_pidfile == ["/run/bidder.pid"]
     with pytest.raises(ConfigError, match="must be an absolute path"):
         parse(["--watch-pidfile", "run/bidder.pid"])
+    # The scale the app is judged on: percent of one core at which it is busy.
+    assert parse([]).watch_busy_cpu == 75.0
+    assert parse(["--watch-busy-cpu", "800"]).watch_busy_cpu == 800.0
+    for bad in ("0", "-5", "1e9"):
+        with pytest.raises(ConfigError, match="watch_busy_cpu .* must be between 1 and"):
+            parse(["--watch-busy-cpu", bad])
 
 
 def test_a_process_hidden_from_the_daemon_is_named_as_such(tmp_path, spawn):
