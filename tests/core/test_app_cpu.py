@@ -173,8 +173,8 @@ def test_the_source_gives_first_copies_to_idle_targets_before_a_busy_one():
     from fdship.core.actions import AssignFetch
     from fdship.core.events import HostReported
     from fdship.protocol import Heartbeat, Load
-    from tests.core.test_scheduler import run, submit, cluster, CS
     from fdship.testing import fake_file
+    from tests.core.test_scheduler import CS, cluster, run, submit
 
     s = cluster(5, max_uploads=4, max_downloads=4)
     run(s, HostReported(beat=Heartbeat(name="h1", address="10.0.0.2:7071", boot_id="b1",
