@@ -124,6 +124,10 @@ def host_view(s: Scheduler, name: str, now: float) -> dict[str, Any]:
         # What the scheduler makes of the load (0 idle .. 1 busy: fewer uploads).
         "busyness": round(placement.busyness(h, s.fleet_cpu), 3),
         "assigned": {"uploads": h.uploads, "downloads": h.downloads},
+        # The link speeds the scheduler has learned from finished fetches
+        # (bytes/s, 0 unknown) and whether it treats the host as slow.
+        "link": {"up": round(h.up_rate), "down": round(h.down_rate),
+                 "slow": s._slow(h)},
         "free": dict(h.free), "hooks": list(h.hooks), "version": h.version,
     }
 

@@ -136,3 +136,19 @@ def test_a_drained_upload_still_counts_against_the_peers_hard_cap():
         # The ack ends the drained transfer and frees its hold on the cap.
         run(s, ChunkStored(job="j1", host=tgt, file=f, chunk=c, peer="h0", nbytes=CS), T0 + 0.45)
         assert s.hosts["h0"].draining_uploads == 0
+
+
+def test_hosts_view_shows_the_link_speeds_the_scheduler_learned():
+    """GET /center/hosts carries the learned uplink/downlink and the slow flag,
+    so an operator can see why a host gets fewer first copies."""
+    from fdship.core import views
+    sim = SimCluster(6, bandwidth=B, seed=3, latency=0.005, drain_lead=0.05, slow_fraction=0.2)
+    job = sim.submit([fake_file("/a", 8 * CS, CS)], [f"h{i:05d}" for i in range(1, 6)],
+                     chunk_size=CS)
+    sim.run(max_time=600)
+    assert sim.ended == {job: "done"}
+    rows = {n: views.host_view(sim.sched, n, sim.clock.now) for n in sim.hosts}
+    assert all(set(r["link"]) == {"up", "down", "slow"} for r in rows.values())
+    assert any(r["link"]["up"] > 0 for r in rows.values())  # learned from finished fetches
+    slow = [n for n, r in rows.items() if r["link"]["slow"]]
+    assert set(slow) <= sim.slow, (slow, sim.slow)  # never a fast host taken for slow
