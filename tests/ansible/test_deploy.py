@@ -156,6 +156,10 @@ def _write_inventory(fleet: Fleet, wheelhouse: Path, pki: Path) -> Path:
     (inv / "group_vars" / "bidder.yml").write_text(json.dumps({
         "fdship_daemon_allow_dest": ["/srv/bidder/models", "/srv/bidder/lists"],
         "fdship_daemon_download_rate": "200M",
+        # The bidder's CPU steers serving (no bidder runs here: the daemon
+        # reads 0 and says so once; what is checked is what the role wrote).
+        "fdship_daemon_watch_pidfile": ["/run/fdship-test-bidder.pid"],
+        "fdship_daemon_watch_busy_cpu": 800,
     }))
     (inv / "group_vars" / "builder.yml").write_text(json.dumps({
         "fdship_daemon_allow_source": [str(fleet.base / "outgoing")],
@@ -263,6 +267,13 @@ def _check_install(fleet: Fleet) -> None:
         dropin = h.path("/etc/systemd/system/fdship-daemon.service.d/50-fdship-paths.conf")
         rw = read_unit(unit)["ReadWritePaths"]
         assert dropin.is_file() and rw
+        # Bidders watch their bidder, and their sandbox lets them see it.
+        if h is h0:
+            assert "watch_pidfile" not in cfg and "ProtectProc" not in dropin.read_text()
+        else:
+            assert cfg["watch_pidfile"] == ["/run/fdship-test-bidder.pid"]
+            assert cfg["watch_busy_cpu"] == 800.0
+            assert read_unit(dropin)["ProtectProc"] == ["default"]
         # allow_dest holds real paths: the inventory's destinations under the host's root.
         assert cfg["allow_dest"] == [str(h.path(d)) for d in (
             ["/srv/fdship"] if h is h0 else ["/srv/bidder/models", "/srv/bidder/lists"])]

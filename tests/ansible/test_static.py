@@ -174,6 +174,12 @@ _GOOD = {
      "not in fdship_daemon_extra_config"),
     ({"fdship_center_extra_config": {"tls_cert": "/x.pem"}},
      "not there"),
+    # The watched bidder: absolute pidfiles, a busy scale of at least 1 % of a core.
+    ({"fdship_daemon_watch_pidfile": ["/run/bidder.pid"], "fdship_daemon_watch_busy_cpu": 800},
+     None),
+    ({"fdship_daemon_watch_pidfile": ["run/bidder.pid"]}, "fdship_daemon_watch_pidfile"),
+    ({"fdship_daemon_watch_pidfile": ["/run/bidder.pid"], "fdship_daemon_watch_busy_cpu": 0},
+     "fdship_daemon_watch_busy_cpu at least 1"),
 ])
 def test_preflight_refuses_bad_settings_with_a_clear_message(
         tmp_path: Path, change: dict, message: str | None) -> None:
