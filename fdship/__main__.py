@@ -214,10 +214,13 @@ def cmd_hosts(args: argparse.Namespace) -> int:
         age = f"{h['heartbeat_age']:.1f}s" if h.get("heartbeat_age") is not None else "-"
         rows.append([h["name"], h["address"], ",".join(h["labels"]) or "-",
                      "alive" if h["alive"] else "DEAD", age, f"{ld['cpu']:.0f}%",
+                     # The watched app's CPU (watch_pidfile; % of one core) and what
+                     # the scheduler makes of the load (0 idle .. 1 busy: serves less).
+                     f"{ld.get('app_cpu', 0.0):.0f}%", f"{h.get('busyness', 0.0):.2f}",
                      f"{human_bytes(ld['net_tx'])}/s", f"{human_bytes(ld['net_rx'])}/s",
                      f"{ld['uploads']}/{ld['downloads']}"])
-    print(_table(rows, ["NAME", "ADDRESS", "LABELS", "STATE", "BEAT", "CPU", "TX", "RX",
-                        "UP/DOWN"]) if rows else "no daemons registered")
+    print(_table(rows, ["NAME", "ADDRESS", "LABELS", "STATE", "BEAT", "CPU", "APP", "BUSY",
+                        "TX", "RX", "UP/DOWN"]) if rows else "no daemons registered")
     return 0
 
 

@@ -226,6 +226,10 @@ def test_cli_submit_jobs_job_hosts(cluster, src_dir):
     r = fdship("hosts", "--center", cluster.center.url)
     assert r.returncode == 0 and all(f"d{i}" in r.stdout for i in range(6))
     assert "alive" in r.stdout
+    head = r.stdout.splitlines()[0].split()
+    assert head[head.index("CPU"):head.index("CPU") + 3] == ["CPU", "APP", "BUSY"]
+    row = next(line.split() for line in r.stdout.splitlines() if line.startswith("d1 "))
+    assert row[head.index("BUSY")] == "0.00"  # nothing watched, nothing busy beyond the fleet
 
 
 def test_cli_exit_statuses(cluster, src_dir):
