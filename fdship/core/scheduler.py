@@ -409,14 +409,22 @@ class Scheduler:
         actions += self._maybe_end(job, now)
         return actions
 
-    def _on_ChunkStored(self, ev: ChunkStored, now: float) -> list[Action]:
+    def _chunk_of(self, ev: ChunkStored | FetchFailed | FetchDraining
+                  ) -> tuple[Job, Machine, int] | None:
+        """The job, machine and global chunk index an event about one chunk names,
+        or None when it names no running part of a job (a stale or bogus report)."""
         job = self.jobs.get(ev.job)
-        if job is None or ev.host not in job.machines or ev.file >= len(job.files):
+        if job is None or ev.host not in job.machines or not 0 <= ev.file < len(job.files):
+            return None
+        if not 0 <= ev.chunk < job.file_chunks(ev.file):
+            return None
+        return job, job.machines[ev.host], job.base[ev.file] + ev.chunk
+
+    def _on_ChunkStored(self, ev: ChunkStored, now: float) -> list[Action]:
+        found = self._chunk_of(ev)
+        if found is None:
             return []
-        if ev.chunk >= job.file_chunks(ev.file):
-            return []
-        m = job.machines[ev.host]
-        g = job.base[ev.file] + ev.chunk
+        job, m, g = found
         entry = m.inflight.get(g)
         peer = self.hosts.get(entry[0]) if entry is not None else None
         if entry is not None:
@@ -585,13 +593,10 @@ class Scheduler:
         return actions
 
     def _on_FetchFailed(self, ev: FetchFailed, now: float) -> list[Action]:
-        job = self.jobs.get(ev.job)
-        if job is None or ev.host not in job.machines or ev.file >= len(job.files):
+        found = self._chunk_of(ev)
+        if found is None:
             return []
-        if ev.chunk >= job.file_chunks(ev.file):
-            return []
-        m = job.machines[ev.host]
-        g = job.base[ev.file] + ev.chunk
+        job, m, g = found
         self._release(job, m, g)
         if m.ended or g in m.have:
             return []
@@ -627,13 +632,10 @@ class Scheduler:
         then runs two transfers, which share the link: the link never idles
         for the round trip (ack, decision, pull, request) between two chunks.
         """
-        job = self.jobs.get(ev.job)
-        if job is None or ev.host not in job.machines or ev.file >= len(job.files):
+        found = self._chunk_of(ev)
+        if found is None:
             return []
-        if ev.chunk >= job.file_chunks(ev.file):
-            return []
-        m = job.machines[ev.host]
-        g = job.base[ev.file] + ev.chunk
+        job, m, g = found
         entry = m.inflight.get(g)
         if entry is None or entry[0] != ev.peer or g not in m.loads:
             return []  # a stale notice: the fetch ended, or another one took its place

@@ -9,35 +9,18 @@ share back once the bidder calms down, and ``GET /center/hosts`` shows both.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from fdship.core import placement, views
 from fdship.core.actions import AssignFetch, Commit
 from fdship.core.events import ChunkStored, HostReported
 from fdship.core.scheduler import Scheduler, Tunables
 from fdship.protocol import Heartbeat, JobRequest, Load
 from fdship.testing import fake_file
+from tests.core.test_placement import Peer
 
 MiB = 1024 * 1024
 CS = 4 * MiB
 T0 = 1_790_000_000.0
 HOLDERS = ("h1", "h2")
-
-
-@dataclass
-class Peer:
-    name: str = "p"
-    alive: bool = True
-    uploads: int = 0
-    max_uploads: int = 4
-    cpu: float = 0.0
-    app_cpu: float = 0.0
-    app_cpu_busy: float = 75.0
-    loadavg: float = 0.0
-    net_tx: float = 0.0
-    net_tx_peak: float = 0.0
-    up_rate: float = 0.0
-    up_load: float = 0.0
 
 
 def test_app_cpu_counts_on_its_own_scale_beside_host_cpu():

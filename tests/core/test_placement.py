@@ -24,7 +24,7 @@ T0 = 1_790_000_000.0
 
 @dataclass
 class Peer:
-    name: str
+    name: str = "p"
     alive: bool = True
     uploads: int = 0
     max_uploads: int = 4
