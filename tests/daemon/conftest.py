@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, TypeVar
@@ -124,3 +125,18 @@ def immutable() -> Iterator[Callable[[str], None]]:
     yield make
     for p in done:
         subprocess.run(["chattr", "-i", p], capture_output=True)
+
+
+@pytest.fixture
+def unaccepting_peer() -> Iterator[str]:
+    """HOST:PORT whose accept queue is full: the kernel drops further SYNs, so a
+    connect hangs as it does behind a saturated link."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(0)
+    filler = socket.create_connection(s.getsockname(), timeout=2)
+    try:
+        yield f"127.0.0.1:{s.getsockname()[1]}"
+    finally:
+        filler.close()
+        s.close()

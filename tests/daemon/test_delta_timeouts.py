@@ -27,19 +27,6 @@ from tests.daemon.conftest import run
 CS = 64 * 1024
 
 
-@pytest.fixture
-def unaccepting_peer() -> Iterator[str]:
-    """HOST:PORT whose accept queue is full: the kernel drops further SYNs, so a
-    connect hangs as it does behind a saturated link."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    s.listen(0)
-    filler = socket.create_connection(s.getsockname(), timeout=2)
-    try:
-        yield f"127.0.0.1:{s.getsockname()[1]}"
-    finally:
-        filler.close()
-        s.close()
 
 
 @pytest.fixture

@@ -300,19 +300,6 @@ def test_our_own_rate_cap_is_not_a_stall(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------- connect timeout
 
 
-@pytest.fixture
-def unaccepting_peer():  # type: ignore[no-untyped-def]
-    """HOST:PORT whose accept queue is full: the kernel drops further SYNs, so a
-    connect hangs as it does behind a saturated link."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    s.listen(0)
-    filler = socket.create_connection(s.getsockname(), timeout=2)
-    try:
-        yield f"127.0.0.1:{s.getsockname()[1]}"
-    finally:
-        filler.close()
-        s.close()
 
 
 def test_connect_that_never_completes_fails_after_connect_timeout(
