@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from fdship.core import placement, views
 from fdship.core.actions import AssignFetch, Commit
-from fdship.core.events import ChunkStored, HostReported
+from fdship.core.events import HostReported
 from fdship.core.scheduler import Scheduler, Tunables
-from fdship.protocol import Heartbeat, JobRequest, Load
+from fdship.protocol import Heartbeat, Load
 from fdship.testing import fake_file
-from tests.core.test_placement import Peer
+from tests.core.test_placement import Peer, two_holders
 
 MiB = 1024 * 1024
 CS = 4 * MiB
@@ -76,35 +76,11 @@ def assignments(actions: list[object]) -> list[tuple[str, int, str]]:
 
 def holders_job(app_of_h2: float, seed: int = 3) -> tuple[Scheduler, dict[str, int], float]:
     """h1 and h2 hold all 8 chunks first; h3..h12 then fetch them, every fetch acked
-    in order.  h2's bidder runs at ``app_of_h2`` percent of a core while every
-    host, h2 included, reads 5 % host CPU.  Returns the scheduler, the fetches
-    assigned to each holder once both were ready, and the time at the end."""
-    s = Scheduler(Tunables(heartbeat_timeout=1e9), seed=seed)
-    names = [f"h{i}" for i in range(13)]
-    for n in names:
-        run(s, beat(n, app_cpu=app_of_h2 if n == "h2" else 0.0), T0)
-    n_chunks = 8
-    ev = s.admit(JobRequest(source="h0", files=(fake_file("/a", n_chunks * CS, CS),),
-                            machines=tuple(names[1:]), chunk_size=CS), "j1", T0)
-    pending = assignments(run(s, ev, T0))
-    now = T0
-    for holder in HOLDERS:
-        for c in range(n_chunks):
-            now += 0.01
-            pending += assignments(run(s, ChunkStored(job="j1", host=holder, file=0, chunk=c,
-                                                      peer="h0"), now))
-    pending = [p for p in pending if p[0] not in HOLDERS]
-    later: list[tuple[str, int, str]] = []
-    for _ in range(10_000):
-        if not pending:
-            break
-        target, chunk, peer = pending.pop(0)
-        now += 0.05
-        new = assignments(run(s, ChunkStored(job="j1", host=target, file=0, chunk=chunk,
-                                             peer=peer), now))
-        later += new
-        pending += new
-    assert all(len(m.have) == n_chunks for m in s.jobs["j1"].machines.values())
+    in order (``tests.core.test_placement.two_holders``).  h2's bidder runs at
+    ``app_of_h2`` percent of a core while every host, h2 included, reads 5 %
+    host CPU.  Returns the scheduler, the fetches assigned to each holder once
+    both were ready, and the time at the end."""
+    s, later, now = two_holders(5.0, app_of_busy=app_of_h2, seed=seed)
     return s, {h: sum(1 for *_, p in later if p == h) for h in HOLDERS}, now
 
 
@@ -156,7 +132,6 @@ def test_the_source_gives_first_copies_to_idle_targets_before_a_busy_one():
     from fdship.core.actions import AssignFetch
     from fdship.core.events import HostReported
     from fdship.protocol import Heartbeat, Load
-    from fdship.testing import fake_file
     from tests.core.test_scheduler import CS, cluster, run, submit
 
     s = cluster(5, max_uploads=4, max_downloads=4)

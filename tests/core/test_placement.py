@@ -96,9 +96,9 @@ def test_unknown_speed_is_not_penalised():
 # --- load steering the real scheduler ------------------------------------------------
 
 
-def beat(name: str, cpu: float = 0.0) -> HostReported:
+def beat(name: str, cpu: float = 0.0, app_cpu: float = 0.0) -> HostReported:
     return HostReported(beat=Heartbeat(name=name, address=f"{name}:7071", boot_id="b1",
-                                       load=Load(cpu=cpu)))
+                                       load=Load(cpu=cpu, app_cpu=app_cpu)))
 
 
 def run(s: Scheduler, ev, now: float) -> list:  # type: ignore[no-untyped-def]
@@ -114,16 +114,19 @@ def assignments(actions: list) -> list[tuple[str, int, str]]:  # type: ignore[ty
             for f in a.fetches]
 
 
-def two_holders(cpu_of_busy: float) -> tuple[Scheduler, list[tuple[str, int, str]], float]:
-    """h1 and h2 hold every chunk (h2 at ``cpu_of_busy`` percent); h3..h12 fetch them.
+def two_holders(cpu_of_busy: float, app_of_busy: float = 0.0,
+                seed: int = 3) -> tuple[Scheduler, list[tuple[str, int, str]], float]:
+    """h1 and h2 hold every chunk (h2 at ``cpu_of_busy`` percent host CPU, its
+    watched app at ``app_of_busy`` percent of a core); h3..h12 fetch them.
 
     Every assigned fetch is acked at once, in order, until the job ends; returns
     the scheduler, every assignment made after the holders were ready, and the time.
     """
-    s = Scheduler(Tunables(heartbeat_timeout=1e9), seed=3)
+    s = Scheduler(Tunables(heartbeat_timeout=1e9), seed=seed)
     names = [f"h{i}" for i in range(13)]
     for n in names:
-        run(s, beat(n, cpu=cpu_of_busy if n == "h2" else 5.0), T0)
+        run(s, beat(n, cpu=cpu_of_busy if n == "h2" else 5.0,
+                    app_cpu=app_of_busy if n == "h2" else 0.0), T0)
     n_chunks = 8
     ev = s.admit(JobRequest(source="h0", files=(fake_file("/a", n_chunks * CS, CS),),
                             machines=tuple(names[1:]), chunk_size=CS), "j1", T0)
