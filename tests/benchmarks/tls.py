@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import resource
-import shutil
 import signal
 import ssl
 import statistics
@@ -56,64 +55,12 @@ JOB = "bench"
 
 
 def make_certs(d: Path) -> tuple[str, str, str]:
-    """(ca, cert, key) PEM paths: a CA and a certificate for 127.0.0.1 it signed."""
-    try:
-        import datetime
-        import ipaddress
+    """(ca, cert, key) PEM paths: a CA and a certificate for 127.0.0.1 it signed
+    (the TLS tests' own maker: the cryptography package, else the openssl command)."""
+    from tests.security.conftest import make_pki
 
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
-    except ImportError:
-        return _make_certs_openssl(d)
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fdship bench CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(minutes=5))
-          .not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-            .issuer_name(ca_name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    (d / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (d / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (d / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                                  serialization.PrivateFormat.PKCS8,
-                                                  serialization.NoEncryption()))
-    os.chmod(d / "key.pem", 0o600)
-    return str(d / "ca.pem"), str(d / "cert.pem"), str(d / "key.pem")
-
-
-def _make_certs_openssl(d: Path) -> tuple[str, str, str]:
-    if shutil.which("openssl") is None:
-        raise SystemExit("needs the cryptography package or the openssl command "
-                         "(apt-get install -y openssl)")
-
-    def run(*a: str) -> None:
-        subprocess.run(["openssl", *a], check=True, capture_output=True)
-
-    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"), "-days", "1",
-        "-subj", "/CN=fdship bench CA")
-    run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", str(d / "key.pem"), "-out", str(d / "cert.csr"), "-subj", "/CN=localhost")
-    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
-    run("x509", "-req", "-in", str(d / "cert.csr"), "-CA", str(d / "ca.pem"), "-CAkey",
-        str(d / "ca.key"), "-CAcreateserial", "-out", str(d / "cert.pem"), "-days", "1",
-        "-extfile", str(d / "ext.cnf"))
-    os.chmod(d / "key.pem", 0o600)
-    return str(d / "ca.pem"), str(d / "cert.pem"), str(d / "key.pem")
+    pki = make_pki(str(d))
+    return pki.ca, pki.cert, pki.key
 
 
 # --- the serving process -------------------------------------------------------------------
