@@ -48,6 +48,8 @@ from typing import Awaitable, Callable
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from tests.benchmarks.common import fetch_all, proc_cpu  # noqa: E402
+
 import xxhash  # noqa: E402
 
 MiB = 1024 * 1024
@@ -196,20 +198,9 @@ def curl(transfers: list[tuple[str, str, str]]) -> float:
 async def pool_fetch(port: int, chunks: list[str], size: int, staging_fd: int,
                      parallel: int) -> float:
     from fdship.daemon.fetch import PeerPool
-    from fdship.protocol import chunk_span
 
     pool = PeerPool()
-    peer = f"127.0.0.1:{port}"
-    sem = asyncio.Semaphore(parallel)
-
-    async def one(c: int, h: str) -> None:
-        async with sem:
-            off, length = chunk_span(size, CHUNK, c)
-            await pool.fetch(peer, JOB, 0, c, length, h, staging_fd, off, 60.0)
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(one(c, h) for c, h in enumerate(chunks)))
-    dt = time.perf_counter() - t0
+    dt = await fetch_all(pool, port, JOB, chunks, size, CHUNK, staging_fd, parallel, 60.0)
     await pool.close()
     return size / dt / 1e6
 
@@ -334,17 +325,6 @@ def main() -> None:
                     os.close(fd)
                     path.unlink()
             return run
-
-        # CPU seconds of the process doing the work, sampled around each run:
-        # far steadier than MB/s on a shared machine, and what decides how
-        # much a daemon steals from the server it runs on.
-        def proc_cpu(pid: int) -> Callable[[], float]:
-            tick = os.sysconf("SC_CLK_TCK")
-
-            def cpu() -> float:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                return (int(fields[11]) + int(fields[12])) / tick
-            return cpu
 
         def self_cpu() -> float:
             ru = resource.getrusage(resource.RUSAGE_SELF)

@@ -37,7 +37,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,8 @@ from typing import Any
 # Run from a checkout without installing: the repository root goes first.
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+from tests.benchmarks.common import fetch_all, proc_cpu  # noqa: E402
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -116,20 +117,9 @@ def serve_main(data_dir: str, src: str, chunk: int, cert: str, key: str) -> None
 async def pool_fetch(port: int, chunks: list[str], size: int, chunk: int, fd: int,
                      parallel: int, tls: ssl.SSLContext | None) -> tuple[float, str]:
     from fdship.daemon.fetch import PeerPool
-    from fdship.protocol import chunk_span
 
     pool = PeerPool(ssl=tls)
-    peer = f"127.0.0.1:{port}"
-    sem = asyncio.Semaphore(parallel)
-
-    async def one(c: int, h: str) -> None:
-        async with sem:
-            off, length = chunk_span(size, chunk, c)
-            await pool.fetch(peer, JOB, 0, c, length, h, fd, off, 120.0)
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(one(c, h) for c, h in enumerate(chunks)))
-    dt = time.perf_counter() - t0
+    dt = await fetch_all(pool, port, JOB, chunks, size, chunk, fd, parallel, 120.0)
     cipher = ""
     for q in pool._idle.values():  # what the connections negotiated, for the record
         for conn in q:
@@ -138,15 +128,6 @@ async def pool_fetch(port: int, chunks: list[str], size: int, chunk: int, fd: in
                 cipher = f"{c[1]} {c[0]}" if c else ""
     await pool.close()
     return size / dt / 1e6, cipher
-
-
-def proc_cpu(pid: int) -> Callable[[], float]:
-    tick = os.sysconf("SC_CLK_TCK")
-
-    def cpu() -> float:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / tick
-    return cpu
 
 
 def self_cpu() -> float:
