@@ -82,6 +82,11 @@ async def check_failed_job_on_screen(pilot: Any, job_id: str) -> None:
     m = table(app, "#machines")
     assert m.keys[0] == BROKEN  # failures first
     assert [m.cell_text(k, "state") for k in m.keys] == ["failed", "done", "done"]
+    # The cursor stays on the machine it was on while rows re-sort, and the
+    # machines may first arrive in another order: go to the top row (the
+    # failure) before reading the detail of the selected machine.
+    await pilot.press("home")
+    await settled(pilot, lambda: m.selected_key() == BROKEN, what="the failed machine selected")
     detail = plain(app.screen.query_one("#machine-detail"))
     assert "is a directory" in detail and "remove it or choose another --dest" in detail
     header = plain(app.screen.query_one("#job-header"))
