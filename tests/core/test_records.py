@@ -6,7 +6,7 @@ import random
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from fdship.core import records
@@ -117,6 +117,10 @@ def test_zero_filled_tail_is_torn(payloads: list[bytes], data: st.DataObject) ->
     blob, starts = frames_of(payloads)
     cut = data.draw(st.integers(0, len(blob)))
     pad = data.draw(st.integers(1, 5000))
+    # Zeros that rebuild the cut frame byte for byte (its missing bytes were
+    # zeros too) make a whole, checksum-valid record: not a torn tail.
+    nxt = min((s for s in starts if s > cut), default=len(blob))
+    assume(not (cut < nxt and pad >= nxt - cut and not any(blob[cut:nxt])))
     _, end, problem = decode_stream(blob[:cut] + bytes(pad), 0)
     assert problem is not None and problem.kind is ProblemKind.TORN
     assert problem.stream_end == cut + pad
