@@ -43,17 +43,19 @@ KiB = 1024
 
 class Trickle:
     """A keep-alive HTTP/1.1 peer serving ``bodies[chunk]`` in ``piece``-byte writes
-    with ``gap`` seconds between them.  ``stall_at``: stop sending (connection kept
-    open) once that many body bytes are out; ``mute``: never answer at all.
+    with ``gap`` seconds between them, except that the first ``burst`` body bytes go
+    out at once.  ``stall_at``: stop sending (connection kept open) once that many
+    body bytes are out; ``mute``: never answer at all.
 
     Records the loop time each GET arrived and each body's last byte was written.
     """
 
     def __init__(self, bodies: dict[int, bytes], piece: int = 64 * KiB, gap: float = 0.0,
-                 stall_at: int | None = None, mute: bool = False) -> None:
+                 stall_at: int | None = None, mute: bool = False, burst: int = 0) -> None:
         self.bodies = bodies
         self.piece = piece
         self.gap = gap
+        self.burst = burst
         self.stall_at = stall_at
         self.mute = mute
         self.gets: list[tuple[int, float]] = []
@@ -90,7 +92,7 @@ class Trickle:
                     if self.stall_at is not None and off >= self.stall_at:
                         await self.release.wait()
                         return
-                    if off and self.gap:
+                    if off >= self.burst and off and self.gap:
                         await asyncio.sleep(self.gap)
                     writer.write(body[off:off + self.piece])
                     await writer.drain()
@@ -186,9 +188,9 @@ def test_no_notice_without_a_lead_or_for_a_body_that_lands_in_one_read(tmp_path:
     run(main())
 
 
-def test_a_long_lead_fires_on_the_second_body_read(tmp_path: Path) -> None:
-    """The first body read only starts the clock; from the second one on, a lead
-    longer than the whole transfer fires at once, and only once."""
+def test_a_long_lead_fires_once_half_the_body_is_in(tmp_path: Path) -> None:
+    """A lead longer than the whole transfer fires, once, as soon as half the body
+    has arrived, not before: the first bytes of a body say nothing about the rate."""
     body = blob(512 * KiB, 4)
 
     async def main() -> None:
@@ -199,7 +201,35 @@ def test_a_long_lead_fires_on_the_second_body_read(tmp_path: Path) -> None:
                              on_drain=lambda: seen.append(pool.stats.bytes_received))
             await pool.close()
         assert len(seen) == 1
-        assert 32 * KiB < seen[0] <= len(body) // 2, seen
+        assert len(body) // 2 <= seen[0] < len(body), seen
+
+    run(main())
+
+
+def test_a_burst_of_early_bytes_does_not_send_the_notice_early(tmp_path: Path) -> None:
+    """The first quarter of the body arrives at once (bytes the socket held while
+    the daemon was off the CPU, or a link's burst allowance), the rest at 32 KiB
+    per 20 ms.  Reads that close together once made the link look 100 times its
+    speed and sent the notice with most of the body still to come; the notice
+    must come near the real end instead."""
+    body = blob(1024 * KiB, 6)
+
+    async def main() -> None:
+        async with Trickle({0: body}, piece=32 * KiB, gap=0.02, burst=256 * KiB).running() \
+                as peer:
+            pool = PeerPool(drain_lead=0.05)
+            loop = asyncio.get_running_loop()
+            calls: list[tuple[int, float]] = []
+            await fetch_once(pool, peer.address, body, tmp_path / "out",
+                             on_drain=lambda: calls.append((pool.stats.bytes_received,
+                                                            loop.time())))
+            ended = loop.time()
+            await pool.close()
+        assert len(calls) == 1, calls
+        got, at = calls[0]
+        # 768 KiB trickle in over about 480 ms; a 50 ms lead is a few pieces.
+        assert got >= 3 * len(body) // 4, got
+        assert ended - at < 0.3, ended - at
 
     run(main())
 
