@@ -6,6 +6,18 @@ fail into the error tree (``Unavailable`` when the other side cannot be
 reached, the server's own ``{"error": ...}`` sentence otherwise), so callers
 never see tornado's exception types.
 
+Control messages inside a cluster (a daemon's heartbeats, acks and drain
+notices to the center; the center's pulls and packs to daemons) are sent many
+times a second, one after another, and a pull sits on the critical path
+between two chunks.  Tornado's simple client opens a new connection for every
+request (a TCP handshake, and a TLS one with TLS on), and on a busy link each
+handshake waits in the same queues as the bulk data.  Clients made with
+``keep_alive=True`` therefore send over a small pool of persistent HTTP/1.1
+connections instead (:class:`_KeepAlive`, a few idle connections per server,
+dropped after ``MAX_IDLE_AGE``, well before a server's own idle timeout).
+Anything else (the CLI, a job's callback to an outside URL) keeps the one-shot
+client.
+
 It also holds the process's TLS client settings (``configure_tls``): the CA
 file that certificates of the center and daemons are verified against, and
 whether daemons are called over HTTPS (``peer_url``).  The CLI and the TUI
@@ -14,10 +26,14 @@ take the CA file from ``--tls-ca`` or ``$FDSHIP_TLS_CA`` (:mod:`fdship.clitls`).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import ssl
+import weakref
+from collections import OrderedDict
 from typing import Any
+from urllib.parse import urlsplit
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
@@ -75,14 +91,19 @@ def peer_url(address: str) -> str:
 
 async def call(method: str, url: str, body: Any = None, *, token: str = "",
                timeout: float = 30.0, connect_timeout: float = 5.0,
-               cluster: bool = True) -> Any:
+               cluster: bool = True, keep_alive: bool = False) -> Any:
     """One JSON request.  ``cluster`` False: an outside URL (a job's callback), which is
-    verified against the system's trust store rather than the cluster's CA."""
+    verified against the system's trust store rather than the cluster's CA.
+    ``keep_alive``: send over a pooled persistent connection (see the module doc)."""
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = "Bearer " + token
     data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
     tls = cluster_ssl_context() if cluster and url.startswith("https://") else None
+    if keep_alive:
+        code, raw = await _keep_alive_call(method, url, headers, data, timeout,
+                                           connect_timeout, tls)
+        return _decode(url, code, raw)
     req = HTTPRequest(url, method=method, headers=headers, body=data,
                       request_timeout=timeout, connect_timeout=connect_timeout,
                       allow_nonstandard_methods=True, ssl_options=tls)
@@ -96,17 +117,272 @@ async def call(method: str, url: str, body: Any = None, *, token: str = "",
         raise Unavailable(f"cannot reach {url}: {e.strerror or e}") from None
     if resp.code == 599:
         raise Unavailable(f"cannot reach {url}: {resp.error}{_tls_hint(resp.error)}")
+    return _decode(url, resp.code, resp.body)
+
+
+def _decode(url: str, code: int, raw: bytes | None) -> Any:
+    """The JSON body of a response, or the error it carries, as an ``FdshipError``."""
     try:
-        obj = json.loads(resp.body) if resp.body else None
+        obj = json.loads(raw) if raw else None
     except ValueError:
         obj = None
-    if resp.code >= 400:
+    if code >= 400:
         msg = obj.get("error") if isinstance(obj, dict) else None
-        msg = msg or f"HTTP {resp.code} from {url}"
-        if resp.code >= 500:
-            raise FdshipError(msg, status=resp.code)
-        raise BadRequest(msg, status=resp.code)
+        msg = msg or f"HTTP {code} from {url}"
+        if code >= 500:
+            raise FdshipError(msg, status=code)
+        raise BadRequest(msg, status=code)
     return obj
+
+
+# ---------------------------------------------------------------- keep-alive path
+
+#: Largest response body the keep-alive path reads (a hosts list of thousands of
+#: machines is a few MB).
+MAX_RESPONSE = 256 * 1024 * 1024
+MAX_HEADERS = 100
+#: Idle connections kept per server, and in all (a center talks to thousands).
+MAX_IDLE_PER_ORIGIN = 2
+MAX_IDLE = 512
+#: An idle connection older than this is closed rather than reused: well under
+#: fdship's own server idle timeout (``idle_timeout``, 120 s by default), so a
+#: reuse rarely meets a connection the server is just closing.
+MAX_IDLE_AGE = 20.0
+
+_Origin = tuple[str, str, int]
+
+
+class _Conn:
+    __slots__ = ("reader", "writer", "idle_since", "key")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.idle_since = 0.0
+        self.key: tuple[_Origin, int] | None = None  # its place in the pool while idle
+
+    def usable(self, now: float) -> bool:
+        # A server that hung up on an idle connection shows as EOF (or a closing
+        # transport) here, before we write into it.
+        return (not self.reader.at_eof() and self.reader.exception() is None
+                and not self.writer.is_closing() and now - self.idle_since < MAX_IDLE_AGE)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _KeepAlive:
+    """The idle connections of one event loop, newest reused first, oldest evicted."""
+
+    def __init__(self) -> None:
+        self.idle: OrderedDict[tuple[_Origin, int], _Conn] = OrderedDict()
+        self.per_origin: dict[_Origin, list[_Conn]] = {}
+        self._seq = 0
+        self.opened = 0  # connections opened (for tests and benchmarks)
+
+    def take(self, origin: _Origin, now: float) -> _Conn | None:
+        conns = self.per_origin.get(origin)
+        while conns:
+            c = conns.pop()
+            self._forget(origin, c)
+            if c.usable(now):
+                return c
+            c.close()
+        return None
+
+    def give(self, origin: _Origin, c: _Conn, now: float) -> None:
+        c.idle_since = now
+        conns = self.per_origin.setdefault(origin, [])
+        if len(conns) >= MAX_IDLE_PER_ORIGIN:
+            old = conns.pop(0)
+            self._forget(origin, old)
+            old.close()
+        elif len(self.idle) >= MAX_IDLE:
+            (o, _), old = self.idle.popitem(last=False)
+            old.key = None
+            self.per_origin[o].remove(old)
+            if not self.per_origin[o]:
+                del self.per_origin[o]
+            old.close()
+            conns = self.per_origin.setdefault(origin, [])
+        conns.append(c)
+        self._seq += 1
+        c.key = (origin, self._seq)
+        self.idle[c.key] = c
+
+    def _forget(self, origin: _Origin, c: _Conn) -> None:
+        if c.key is not None:
+            self.idle.pop(c.key, None)
+            c.key = None
+        if not self.per_origin.get(origin):
+            self.per_origin.pop(origin, None)
+
+    def close(self) -> None:
+        for c in self.idle.values():
+            c.close()
+        self.idle.clear()
+        self.per_origin.clear()
+
+
+_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _KeepAlive] = \
+    weakref.WeakKeyDictionary()
+
+
+def keep_alive_pool() -> _KeepAlive:
+    """This event loop's pool (each ``asyncio.run`` gets its own)."""
+    loop = asyncio.get_running_loop()
+    pool = _pools.get(loop)
+    if pool is None:
+        pool = _pools[loop] = _KeepAlive()
+    return pool
+
+
+def close_keep_alive() -> None:
+    """Close this loop's idle connections (a server shutting down calls this)."""
+    pool = _pools.pop(asyncio.get_running_loop(), None)
+    if pool is not None:
+        pool.close()
+
+
+class _Stale(Exception):
+    """A reused connection the server had closed: nothing was sent back, try a new one."""
+
+
+async def _keep_alive_call(method: str, url: str, headers: dict[str, str], data: bytes | None,
+                           timeout: float, connect_timeout: float,
+                           tls: ssl.SSLContext | None) -> tuple[int, bytes]:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadRequest(f"not an http(s) URL: {url}")
+    host = parts.hostname
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    target = (parts.path or "/") + ("?" + parts.query if parts.query else "")
+    origin = (parts.scheme, host, port)
+    netloc = parts.netloc.rpartition("@")[2]
+    head = [f"{method} {target} HTTP/1.1", f"Host: {netloc}"]
+    head += [f"{k}: {v}" for k, v in headers.items()]
+    head.append(f"Content-Length: {len(data or b'')}")
+    request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (data or b"")
+    if tls is None and parts.scheme == "https":
+        tls = cluster_ssl_context()
+    pool = keep_alive_pool()
+    loop = asyncio.get_running_loop()
+
+    async def once() -> tuple[int, bytes]:
+        # One retry, and only for a reused connection that the server closed
+        # before answering anything: it never saw (or never acted on) the request.
+        for _ in range(2):
+            c = pool.take(origin, loop.time())
+            reused = c is not None
+            if c is None:
+                try:
+                    r, w = await asyncio.wait_for(
+                        asyncio.open_connection(host, port, ssl=tls,
+                                                server_hostname=host if tls else None,
+                                                limit=MAX_HEADERS * 1024),
+                        connect_timeout)
+                except asyncio.TimeoutError:
+                    raise Unavailable(f"cannot reach {url}: timed out connecting after "
+                                      f"{connect_timeout:g} s") from None
+                pool.opened += 1
+                c = _Conn(r, w)
+            try:
+                code, body, keep = await _exchange(c, request, reused)
+            except _Stale:
+                c.close()
+                continue
+            except BaseException:
+                c.close()
+                raise
+            if keep:
+                pool.give(origin, c, loop.time())
+            else:
+                c.close()
+            return code, body
+        raise Unavailable(f"cannot reach {url}: the server closed the connection twice "
+                          "without answering")
+
+    try:
+        return await asyncio.wait_for(once(), timeout)
+    except asyncio.TimeoutError:
+        raise Unavailable(f"cannot reach {url}: no answer within {timeout:g} s") from None
+    except ssl.SSLError as e:
+        raise Unavailable(f"cannot reach {url}: TLS failed ({e}){_tls_hint(e)}") from None
+    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
+        # asyncio's connect errors carry the errno but a strerror of its own
+        # ("Connect call failed ..."): the system's wording says more.
+        num = getattr(e, "errno", None)
+        why = os.strerror(num) if num else (str(e) or type(e).__name__)
+        raise Unavailable(f"cannot reach {url}: {why}") from None
+
+
+async def _exchange(c: _Conn, request: bytes, reused: bool) -> tuple[int, bytes, bool]:
+    """Send one request and read its response: (status, body, keep the connection)."""
+    reader = c.reader
+    try:
+        c.writer.write(request)
+        await c.writer.drain()
+        line = await reader.readline()
+    except (ConnectionResetError, BrokenPipeError):
+        if reused:
+            raise _Stale() from None
+        raise
+    if not line:
+        if reused:
+            raise _Stale()
+        raise ConnectionError("the server closed the connection without answering")
+    version, _, rest = line.decode("latin-1").rstrip("\r\n").partition(" ")
+    code_s = rest[:3]
+    if not version.startswith("HTTP/1.") or not code_s.isdigit():
+        raise ValueError(f"the server did not answer in HTTP/1.x: {line[:80]!r}")
+    code = int(code_s)
+    length: int | None = None
+    chunked = False
+    conn_hdr = ""
+    for _ in range(MAX_HEADERS):
+        h = await reader.readline()
+        if h in (b"\r\n", b"\n"):
+            break
+        if not h:
+            raise ConnectionError("the server closed the connection mid-headers")
+        name, _, value = h.decode("latin-1").partition(":")
+        name, value = name.strip().lower(), value.strip()
+        if name == "content-length":
+            length = int(value)
+        elif name == "transfer-encoding":
+            chunked = "chunked" in value.lower()
+        elif name == "connection":
+            conn_hdr = value.lower()
+    else:
+        raise ValueError(f"more than {MAX_HEADERS} response headers")
+    keep = version == "HTTP/1.1" and "close" not in conn_hdr
+    if code in (204, 304) or 100 <= code < 200:
+        body = b""
+    elif chunked:
+        parts: list[bytes] = []
+        total = 0
+        while True:
+            size = int((await reader.readline()).split(b";")[0].strip() or b"x", 16)
+            if size == 0:
+                while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    pass  # trailers
+                break
+            total += size
+            if total > MAX_RESPONSE:
+                raise ValueError(f"response larger than {MAX_RESPONSE} bytes")
+            parts.append(await reader.readexactly(size))
+            await reader.readexactly(2)
+        body = b"".join(parts)
+    elif length is not None:
+        if length > MAX_RESPONSE:
+            raise ValueError(f"response of {length} bytes, more than {MAX_RESPONSE}")
+        body = await reader.readexactly(length)
+    else:  # delimited by the end of the connection
+        body = await reader.read(MAX_RESPONSE + 1)
+        if len(body) > MAX_RESPONSE:
+            raise ValueError(f"response larger than {MAX_RESPONSE} bytes")
+        keep = False
+    return code, body, keep
 
 
 def _tls_hint(err: object) -> str:
@@ -122,12 +398,14 @@ def _tls_hint(err: object) -> str:
 class JsonClient:
     """Base of the typed clients: a base URL, the token, a default timeout."""
 
-    def __init__(self, base_url: str, token: str = "", timeout: float = 30.0) -> None:
+    def __init__(self, base_url: str, token: str = "", timeout: float = 30.0,
+                 keep_alive: bool = False) -> None:
         self.base = base_url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.keep_alive = keep_alive  # pooled persistent connections (cluster control traffic)
 
     async def _call(self, method: str, path: str, body: Any = None,
                     timeout: float | None = None) -> Any:
         return await call(method, self.base + path, body, token=self.token,
-                          timeout=timeout or self.timeout)
+                          timeout=timeout or self.timeout, keep_alive=self.keep_alive)

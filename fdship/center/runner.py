@@ -38,7 +38,7 @@ from fdship.core.scheduler import Scheduler, Tunables
 from fdship.core.schedules import RunSchedule
 from fdship.daemon.client import DaemonClient
 from fdship.errors import FdshipError, LogCorruptError, NotFound
-from fdship.httpclient import call, peer_url
+from fdship.httpclient import call, close_keep_alive, peer_url
 
 log = logging.getLogger("fdship.center")
 
@@ -213,6 +213,7 @@ class Runner:
                 await t
             except (asyncio.CancelledError, Exception):
                 pass
+        close_keep_alive()
         if self.redo.is_open:
             try:
                 self._checkpoint()
@@ -396,7 +397,9 @@ class Runner:
     async def _send_pull(self, a: AssignFetch) -> None:
         req = P.PullRequest(job=a.job, files=a.files, fetches=a.fetches)
         try:
-            await DaemonClient(peer_url(a.address), self.token).pull(req)
+            # A pull sits between two chunks on the target's link: over a kept-alive
+            # connection it costs one round trip, not a handshake more.
+            await DaemonClient(peer_url(a.address), self.token, keep_alive=True).pull(req)
         except FdshipError as e:
             log.warning("job=%s host=%s pull not delivered: %s", a.job, a.target, e)
             await self.inbox.put(_Item("event", CommandUndelivered(
@@ -407,7 +410,7 @@ class Runner:
         req = P.PackRequest(job=a.job, file=a.file, chunk_size=a.chunk_size, notify=a.notify,
                             last=a.last, files_total=a.files_total)
         try:
-            await DaemonClient(peer_url(a.address), self.token).pack(req)
+            await DaemonClient(peer_url(a.address), self.token, keep_alive=True).pack(req)
         except FdshipError as e:
             log.warning("job=%s host=%s pack not delivered: %s", a.job, a.target, e)
             await self.inbox.put(_Item("event", CommandUndelivered(

@@ -53,7 +53,7 @@ from fdship.daemon.serve import DownloadHandler, ServeStats
 from fdship.daemon.store import Store, free_space, hash_range
 from fdship.errors import (BadRequest, ConfigError, FdshipError, IntegrityError, LocalIOError,
                            NotFound, Unavailable, Unprocessable)
-from fdship.httpclient import cluster_ssl_context, configure_tls
+from fdship.httpclient import close_keep_alive, cluster_ssl_context, configure_tls
 from fdship.web import (BaseHandler, MetricsHandler, NotFoundHandler, make_server,
                         server_ssl_context, stop_signal)
 
@@ -151,7 +151,9 @@ class Daemon:
         # Ship only what changed: chunks the old copy at the destination still holds.
         self.delta = DeltaFetcher(token=token, limiter=self.down_limiter,
                                   connect_timeout=cfg.connect_timeout)
-        self.center = CenterClient(cfg.center, token)
+        # Heartbeats, acks and drain notices go out many times a second: over
+        # kept-alive connections, not a new handshake each.
+        self.center = CenterClient(cfg.center, token, keep_alive=True)
         self.hooks = HookRunner(cfg.hooks)
         # Hooks run once per job: a pack for the hook repeated by a restarted
         # center re-sends the recorded outcome instead of running it again.
@@ -210,6 +212,7 @@ class Daemon:
             except (asyncio.CancelledError, Exception):
                 pass
         await self.pool.close()
+        close_keep_alive()
         self.store.close()
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:

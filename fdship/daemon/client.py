@@ -17,8 +17,9 @@ def daemon_url(address: str) -> str:
 
 
 class DaemonClient(JsonClient):
-    def __init__(self, base_url: str, token: str = "", timeout: float = 30.0) -> None:
-        super().__init__(daemon_url(base_url), token, timeout)
+    def __init__(self, base_url: str, token: str = "", timeout: float = 30.0,
+                 keep_alive: bool = False) -> None:
+        super().__init__(daemon_url(base_url), token, timeout, keep_alive)
 
     async def pull(self, req: P.PullRequest) -> Any:
         return await self._call("POST", P.DAEMON_PULL, req.to_json(), timeout=15)
