@@ -290,7 +290,9 @@ def test_fuzz_center_draining(fz: Fuzzer, data: Any) -> None:
     before = _drain_counts(fz)
     st_ = fz.check("POST /center/draining", fz.c.center.port, req)
     after = _drain_counts(fz)
-    assert after["accepted"] == before["accepted"] == 0, (before, after)
+    # No job runs while this test fuzzes (earlier jobs of the session may have
+    # had real notices accepted): nothing fuzzed may count as accepted.
+    assert after["accepted"] == before["accepted"], (before, after)
     if st_ == 200:  # a valid batch: every notice in it counted as ignored
         assert req.body is not None
         n = len(P.DrainBatch.from_json(json.loads(req.body)).drains)
