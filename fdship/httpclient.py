@@ -31,8 +31,9 @@ import json
 import os
 import ssl
 import weakref
-from collections import OrderedDict
-from typing import Any
+from collections import deque
+from collections.abc import Hashable
+from typing import Any, Generic, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
@@ -152,88 +153,111 @@ MAX_IDLE_AGE = 20.0
 _Origin = tuple[str, str, int]
 
 
+class IdleConn(Protocol):
+    """What :class:`IdlePool` needs of a connection."""
+
+    idle_since: float  # loop time it went back to the pool
+
+    def alive(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=IdleConn)
+
+
+class IdlePool(Generic[C]):
+    """Idle keep-alive connections by server, for any client that keeps them.
+
+    Newest reused first: the least likely to have been closed by the server.
+    At most ``per_server`` idle per server and ``total`` in all; when full, the
+    connection idle the longest goes, not the one just used, so the servers
+    in current use stay warm.  One idle over ``max_age`` is closed rather than
+    reused, ahead of the server's own idle timeout.  Used by the JSON client's
+    keep-alive path here and by the chunk fetcher (``fdship.daemon.fetch``).
+    """
+
+    def __init__(self, per_server: int, total: int, max_age: float) -> None:
+        self.per_server = per_server
+        self.total = total
+        self.max_age = max_age
+        self._idle: dict[Hashable, deque[C]] = {}
+
+    def count(self, server: Hashable | None = None) -> int:
+        if server is not None:
+            return len(self._idle.get(server, ()))
+        return sum(len(q) for q in self._idle.values())
+
+    def take(self, server: Hashable, now: float) -> C | None:
+        q = self._idle.get(server)
+        if q is None:
+            return None
+        found = None
+        while q:
+            c = q.pop()
+            if c.alive() and now - c.idle_since < self.max_age:
+                found = c
+                break
+            c.close()
+        if not q:
+            del self._idle[server]
+        return found
+
+    def give(self, server: Hashable, c: C, now: float) -> None:
+        c.idle_since = now
+        q = self._idle.get(server)
+        if q is not None and len(q) >= self.per_server:
+            q.popleft().close()  # this server's oldest idle connection
+        elif self.count() >= self.total:
+            self._evict_oldest()  # may empty (and drop) this server's queue
+        self._idle.setdefault(server, deque()).append(c)
+
+    def _evict_oldest(self) -> None:
+        """Close the connection idle the longest, whichever server it goes to."""
+        server = min((k for k, q in self._idle.items() if q),
+                     key=lambda k: self._idle[k][0].idle_since, default=None)
+        if server is None:
+            return
+        q = self._idle[server]
+        q.popleft().close()
+        if not q:
+            del self._idle[server]
+
+    def close(self) -> None:
+        for q in self._idle.values():
+            while q:
+                q.pop().close()
+        self._idle.clear()
+
+
 class _Conn:
-    __slots__ = ("reader", "writer", "idle_since", "key")
+    __slots__ = ("idle_since", "reader", "writer")
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
         self.idle_since = 0.0
-        self.key: tuple[_Origin, int] | None = None  # its place in the pool while idle
 
-    def usable(self, now: float) -> bool:
+    def alive(self) -> bool:
         # A server that hung up on an idle connection shows as EOF (or a closing
         # transport) here, before we write into it.
         return (not self.reader.at_eof() and self.reader.exception() is None
-                and not self.writer.is_closing() and now - self.idle_since < MAX_IDLE_AGE)
+                and not self.writer.is_closing())
 
     def close(self) -> None:
         self.writer.close()
 
 
-class _KeepAlive:
-    """The idle connections of one event loop, newest reused first, oldest evicted."""
-
-    def __init__(self) -> None:
-        self.idle: OrderedDict[tuple[_Origin, int], _Conn] = OrderedDict()
-        self.per_origin: dict[_Origin, list[_Conn]] = {}
-        self._seq = 0
-        self.opened = 0  # connections opened (for tests and benchmarks)
-
-    def take(self, origin: _Origin, now: float) -> _Conn | None:
-        conns = self.per_origin.get(origin)
-        while conns:
-            c = conns.pop()
-            self._forget(origin, c)
-            if c.usable(now):
-                return c
-            c.close()
-        return None
-
-    def give(self, origin: _Origin, c: _Conn, now: float) -> None:
-        c.idle_since = now
-        conns = self.per_origin.setdefault(origin, [])
-        if len(conns) >= MAX_IDLE_PER_ORIGIN:
-            old = conns.pop(0)
-            self._forget(origin, old)
-            old.close()
-        elif len(self.idle) >= MAX_IDLE:
-            (o, _), old = self.idle.popitem(last=False)
-            old.key = None
-            self.per_origin[o].remove(old)
-            if not self.per_origin[o]:
-                del self.per_origin[o]
-            old.close()
-            conns = self.per_origin.setdefault(origin, [])
-        conns.append(c)
-        self._seq += 1
-        c.key = (origin, self._seq)
-        self.idle[c.key] = c
-
-    def _forget(self, origin: _Origin, c: _Conn) -> None:
-        if c.key is not None:
-            self.idle.pop(c.key, None)
-            c.key = None
-        if not self.per_origin.get(origin):
-            self.per_origin.pop(origin, None)
-
-    def close(self) -> None:
-        for c in self.idle.values():
-            c.close()
-        self.idle.clear()
-        self.per_origin.clear()
-
-
-_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _KeepAlive] = \
+_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, IdlePool[_Conn]] = \
     weakref.WeakKeyDictionary()
 
 
-def keep_alive_pool() -> _KeepAlive:
+def keep_alive_pool() -> IdlePool[_Conn]:
     """This event loop's pool (each ``asyncio.run`` gets its own)."""
     loop = asyncio.get_running_loop()
     pool = _pools.get(loop)
     if pool is None:
-        pool = _pools[loop] = _KeepAlive()
+        pool = _pools[loop] = IdlePool(MAX_IDLE_PER_ORIGIN, MAX_IDLE, MAX_IDLE_AGE)
     return pool
 
 
@@ -264,7 +288,7 @@ async def _keep_alive_call(method: str, url: str, headers: dict[str, str], data:
     head.append(f"Content-Length: {len(data or b'')}")
     request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (data or b"")
     if tls is None and parts.scheme == "https":
-        tls = cluster_ssl_context()
+        tls = client_ssl_context()  # an outside URL: the system's trust store
     pool = keep_alive_pool()
     loop = asyncio.get_running_loop()
 
@@ -281,10 +305,9 @@ async def _keep_alive_call(method: str, url: str, headers: dict[str, str], data:
                                                 server_hostname=host if tls else None,
                                                 limit=MAX_HEADERS * 1024),
                         connect_timeout)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     raise Unavailable(f"cannot reach {url}: timed out connecting after "
                                       f"{connect_timeout:g} s") from None
-                pool.opened += 1
                 c = _Conn(r, w)
             try:
                 code, body, keep = await _exchange(c, request, reused)
@@ -304,7 +327,7 @@ async def _keep_alive_call(method: str, url: str, headers: dict[str, str], data:
 
     try:
         return await asyncio.wait_for(once(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise Unavailable(f"cannot reach {url}: no answer within {timeout:g} s") from None
     except ssl.SSLError as e:
         raise Unavailable(f"cannot reach {url}: TLS failed ({e}){_tls_hint(e)}") from None

@@ -94,7 +94,7 @@ def test_concurrent_calls_open_their_own_connections_and_keep_a_few() -> None:
         async with tornado_server() as (url, srv):
             await asyncio.gather(*(call("POST", url + "/echo", {"n": i}, keep_alive=True)
                                    for i in range(6)))
-            idle = len(keep_alive_pool().idle)
+            idle = keep_alive_pool().count()
             await asyncio.gather(*(call("POST", url + "/echo", {"n": i}, keep_alive=True)
                                    for i in range(2)))
             return idle, srv.accepted
@@ -189,7 +189,7 @@ def test_errors_keep_their_kind_and_the_servers_sentence() -> None:
             assert err.value.status == 503 and not isinstance(err.value, BadRequest)
             # The connection survives an error answer.
             assert (await call("POST", url + "/echo", 7, keep_alive=True))["echo"] == 7
-            assert len(keep_alive_pool().idle) == 1
+            assert keep_alive_pool().count() == 1
             with pytest.raises(BadRequest) as missing:
                 await call("GET", url + "/nowhere", keep_alive=True)
             assert missing.value.status == 404

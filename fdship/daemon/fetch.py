@@ -38,7 +38,6 @@ import logging
 import os
 import socket
 import ssl as ssl_module
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import quote
@@ -48,6 +47,7 @@ import xxhash
 from fdship.daemon.ratelimit import RateLimiter
 from fdship.daemon.store import free_space
 from fdship.errors import FdshipError
+from fdship.httpclient import IdlePool
 from fdship.protocol import (DAEMON_DOWNLOAD, FAIL_CONNECT, FAIL_HASH, FAIL_HTTP, FAIL_LOCAL,
                              FAIL_MISSING, FAIL_TIMEOUT)
 
@@ -150,6 +150,9 @@ class _Conn(asyncio.BufferedProtocol):
         self.req: _Request | None = None
         self._paused = False
         self.idle_since = 0.0  # loop time it went back to the pool
+
+    def alive(self) -> bool:
+        return not self.lost and self.transport is not None and not self.transport.is_closing()
 
     # --- asyncio protocol ------------------------------------------------------------
 
@@ -387,7 +390,8 @@ class PeerPool:
     job stay warm.  A connection idle over ``max_idle_age`` is dropped rather
     than reused, ahead of the peer's own idle timeout (``idle_timeout``, 120 s
     by default), so a reuse rarely races the peer's hang-up; when it does, the
-    fetch retries once on a new connection.
+    fetch retries once on a new connection.  The keeping itself is
+    :class:`fdship.httpclient.IdlePool`, shared with the JSON client.
     """
 
     def __init__(self, token: str = "", connect_timeout: float = 1.0,
@@ -403,17 +407,12 @@ class PeerPool:
         self.stall_timeout = stall_timeout  # 0: no stall watch (only the overall timeout)
         self.drain_lead = drain_lead  # 0: never call on_drain
         self.limiter = limiter if limiter is not None and limiter.enabled else None
-        self.max_idle_per_peer = max_idle_per_peer
-        self.max_idle = max_idle
-        self.max_idle_age = max_idle_age
         self.stats = FetchStats()
-        self._idle: dict[str, deque[_Conn]] = {}
+        self._idle: IdlePool[_Conn] = IdlePool(max_idle_per_peer, max_idle, max_idle_age)
         self._closed = False
 
     def idle_count(self, peer: str | None = None) -> int:
-        if peer is not None:
-            return len(self._idle.get(peer, ()))
-        return sum(len(q) for q in self._idle.values())
+        return self._idle.count(peer)
 
     async def _connect(self, peer: str) -> _Conn:
         host, sep, port = peer.rpartition(":")
@@ -437,44 +436,12 @@ class PeerPool:
         self.stats.connections_opened += 1
         return conn
 
-    def _take_idle(self, peer: str) -> _Conn | None:
-        q = self._idle.get(peer)
-        if not q:
-            return None
-        now = asyncio.get_running_loop().time()
-        while q:
-            c = q.pop()  # the newest: the least likely to have been closed by the peer
-            if (not c.lost and c.transport is not None and not c.transport.is_closing()
-                    and now - c.idle_since < self.max_idle_age):
-                if not q:
-                    del self._idle[peer]
-                return c
-            c.close()
-        del self._idle[peer]
-        return None
-
     def _give_back(self, conn: _Conn) -> None:
         conn.req = None
         if self._closed or conn.lost:
             conn.close()
             return
-        conn.idle_since = asyncio.get_running_loop().time()
-        if len(self._idle.get(conn.peer, ())) >= self.max_idle_per_peer:
-            self._idle[conn.peer].popleft().close()  # this peer's oldest idle connection
-        elif self.idle_count() >= self.max_idle:
-            self._evict_oldest()  # may empty (and drop) this peer's queue
-        self._idle.setdefault(conn.peer, deque()).append(conn)
-
-    def _evict_oldest(self) -> None:
-        """Close the connection idle the longest, whichever peer it goes to."""
-        peer = min((p for p, q in self._idle.items() if q),
-                   key=lambda p: self._idle[p][0].idle_since, default=None)
-        if peer is None:
-            return
-        q = self._idle[peer]
-        q.popleft().close()
-        if not q:
-            del self._idle[peer]
+        self._idle.give(conn.peer, conn, asyncio.get_running_loop().time())
 
     async def fetch(self, peer: str, job: str, file: int, chunk: int, size: int, xxh3: str,
                     fd: int, offset: int, timeout: float,
@@ -522,7 +489,8 @@ class PeerPool:
                 # been closed by the peer before it answered a single byte: the
                 # GET is idempotent, and the peer's idle timeout is no failure.
                 for attempt in (0, 1):
-                    conn = self._take_idle(peer) if attempt == 0 else None
+                    conn = self._idle.take(peer, asyncio.get_running_loop().time()) \
+                        if attempt == 0 else None
                     reused = conn is not None
                     if conn is None:
                         conn = await self._connect(peer)
@@ -565,8 +533,5 @@ class PeerPool:
     async def close(self) -> None:
         """Close every idle connection; fetches in flight close theirs when they end."""
         self._closed = True
-        for q in self._idle.values():
-            while q:
-                q.pop().close()
-        self._idle.clear()
+        self._idle.close()
         await asyncio.sleep(0)  # let the transports run their close callbacks
