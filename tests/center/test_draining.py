@@ -11,9 +11,7 @@ and look at its scheduler afterwards.
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -130,19 +128,6 @@ def test_notice_for_unknown_job_or_chunk_is_accepted_harmlessly(tmp_path: Path) 
 # ---------------------------------------------------------------------- the runner
 
 
-@pytest.fixture
-def hung_daemon() -> Iterator[str]:
-    """HOST:PORT of a "daemon" whose kernel accepts connections that nobody ever reads:
-    a pull sent there is neither answered nor refused while the test runs."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    s.listen(64)
-    try:
-        yield f"127.0.0.1:{s.getsockname()[1]}"
-    finally:
-        s.close()
-
-
 def _running_job(c: InProcessCenter, address: str, nchunks: int) -> tuple[str, int, str]:
     """Register a source and a one-download target, submit a job of ``nchunks`` chunks
     through the runner's own code, and return (job, the chunk in flight, its peer).
@@ -168,7 +153,7 @@ def _running_job(c: InProcessCenter, address: str, nchunks: int) -> tuple[str, i
 
 
 def test_notice_is_answered_without_the_writer_and_frees_the_slots_without_fsync(
-        tmp_path: Path, hung_daemon: str) -> None:
+        tmp_path: Path, mute_peer: str) -> None:
     """The handler answers while the single writer is stopped (so it cannot be waiting
     for a group commit); once the writer runs, the notice frees the fetch's slots, the
     target gets its next chunk at once, and neither a record nor an fsync was made."""
@@ -176,7 +161,7 @@ def test_notice_is_answered_without_the_writer_and_frees_the_slots_without_fsync
     async def body() -> None:
         async with center_in_process(tmp_path / "c", start=False, heartbeat_timeout=600,
                                      grace_period=600) as c:
-            job, g, peer = _running_job(c, hung_daemon, nchunks=3)
+            job, g, peer = _running_job(c, mute_peer, nchunks=3)
             r = c.runner
             m = r.sched.jobs[job].machines["t1"]
             assert g in m.loads

@@ -10,9 +10,7 @@ into a fatal local failure of the whole machine.
 from __future__ import annotations
 
 import os
-import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,19 +25,6 @@ from tests.daemon.conftest import run
 CS = 64 * 1024
 
 
-
-
-@pytest.fixture
-def mute_peer() -> Iterator[str]:
-    """HOST:PORT that completes the handshake (the kernel's accept queue) and then never
-    answers a byte."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    s.listen(16)
-    try:
-        yield f"127.0.0.1:{s.getsockname()[1]}"
-    finally:
-        s.close()
 
 
 def _old_and_staging(tmp_path: Path) -> tuple[str, int, P.Fetch]:
