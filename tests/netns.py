@@ -31,6 +31,15 @@ bridge-side veth its downlink.  The bucket holds at least 128 KiB, more than
 the largest GSO packet a veth hands over (64 KiB), or big packets would never
 fit and the link would stall.  Expect TCP goodput of about 95% of the rate.
 
+The kernel keeps one neighbour (ARP) table for all namespaces, by default
+capped at 1024 entries (``net.ipv4.neigh.default.gc_thresh3``).  N hosts that
+all talk to each other need about N squared; past the cap the kernel drops
+packets to neighbours it cannot add ("neighbor table overflow" in the kernel
+log), so SYNs vanish without a trace in any qdisc counter, and 40 hosts lost
+most connection attempts of a job.  ``start()`` raises the thresholds for the
+runs alive together (never lowers them); the last run to close puts back the
+values it found.
+
 Clean-up removes everything a run made (processes inside its namespaces, the
 veths, the bridge, the namespaces) on ``close()``, on leaving the ``with``
 block, at interpreter exit, and, for a run that was killed before it could
@@ -264,6 +273,7 @@ class Cluster:
                                        addr=f"{NETWORK_BASE}.{third}.{i + 2}",
                                        veth=f"{self.prefix}-{self.run_id}-v{i}", cluster=self))
             self._write_record()
+            _size_neighbour_table()
         atexit.register(self.close)
         try:
             self._build()
@@ -303,8 +313,10 @@ class Cluster:
         _remove_run([h.ns for h in self.hosts],
                     [h.veth for h in self.hosts] + ([self.bridge] if self.bridge else []))
         if self._record_path:
-            with contextlib.suppress(OSError):
-                os.unlink(self._record_path)
+            with self._state_lock():
+                with contextlib.suppress(OSError):
+                    os.unlink(self._record_path)
+                _size_neighbour_table()
 
     # ---- running things ---------------------------------------------------------------
 
@@ -378,11 +390,53 @@ class Cluster:
     def _write_record(self) -> None:
         self._record_path = os.path.join(_STATE_DIR, f"{self.prefix}-{self.run_id}.json")
         rec = {"prefix": self.prefix, "run": self.run_id, "pid": os.getpid(),
-               "start": _proc_start_time(os.getpid()), "subnet": self.subnet}
+               "start": _proc_start_time(os.getpid()), "subnet": self.subnet,
+               "hosts": self.n_hosts}
         tmp = self._record_path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as fh:
             json.dump(rec, fh)
         os.replace(tmp, self._record_path)
+
+
+_NEIGH = "/proc/sys/net/ipv4/neigh/default/gc_thresh"
+_NEIGH_SAVED = os.path.join(_STATE_DIR, "neigh-thresholds.json")
+
+
+def _size_neighbour_table() -> None:
+    """Make the shared neighbour table fit the live runs (see the module docstring).
+
+    With live runs: raise gc_thresh2/3 to what they need if below it, first
+    saving the values found.  With none: put the saved values back.  Callers
+    hold the state lock.
+    """
+    try:
+        current = {k: int(open(_NEIGH + k, encoding="ascii").read()) for k in ("2", "3")}
+    except (OSError, ValueError):
+        return  # not Linux, or not allowed to read: leave it alone
+    live = [r for r in _records() if _owner_alive(r)]
+    if not live:
+        if os.path.exists(_NEIGH_SAVED):
+            with contextlib.suppress(OSError, ValueError):
+                with open(_NEIGH_SAVED, encoding="utf-8") as fh:
+                    saved = json.load(fh)
+                for k, v in saved.items():
+                    with open(_NEIGH + k, "w", encoding="ascii") as fh:
+                        fh.write(str(int(v)))
+            with contextlib.suppress(OSError):
+                os.unlink(_NEIGH_SAVED)
+        return
+    # Every namespace of a run may hold an entry for each other host and the
+    # bridge; the initial namespace one per host; plus the machine's own.
+    need = 1024 + sum(2 * (int(r.get("hosts", 250)) + 1) ** 2 for r in live)
+    if current["3"] >= need:
+        return
+    if not os.path.exists(_NEIGH_SAVED):
+        with open(_NEIGH_SAVED, "w", encoding="utf-8") as fh:
+            json.dump(current, fh)
+    with contextlib.suppress(OSError):
+        for k, v in (("2", max(current["2"], need // 2)), ("3", need)):
+            with open(_NEIGH + k, "w", encoding="ascii") as fh:
+                fh.write(str(v))
 
 
 def _stop_process(p: subprocess.Popen[Any], grace: float = 5.0) -> None:

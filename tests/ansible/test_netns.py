@@ -147,3 +147,64 @@ def test_shaping_caps_uplink_and_downlink() -> None:
         free = _goodput_mbit(a, c, 9104, seconds=1.0)
         print(f"unshaped a->c {free:.0f} Mbit/s")
         assert free > 1.5 * rate
+
+
+_MESH = textwrap.dedent("""
+    import json, socket, sys, threading
+    me, peers, port = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3])
+    srv = socket.create_server((me, port), backlog=128)
+    def accept():
+        while True:
+            c, _ = srv.accept()
+            c.close()
+    threading.Thread(target=accept, daemon=True).start()
+    print("ready", flush=True)
+    sys.stdin.readline()  # every host listens before anyone connects
+    failed = []
+    for p in peers:
+        try:
+            # Under the kernel's 1 s SYN retransmission: a lost SYN is a failure.
+            socket.create_connection((p, port), timeout=0.9).close()
+        except OSError:
+            failed.append(p)
+    print(json.dumps(failed), flush=True)
+""")
+
+
+def _neigh_threshold() -> int:
+    with open("/proc/sys/net/ipv4/neigh/default/gc_thresh3", encoding="ascii") as fh:
+        return int(fh.read())
+
+
+def test_every_host_reaches_every_other_past_the_default_neighbour_table() -> None:
+    """36 hosts that all connect to each other need about 1,300 neighbour
+    entries in the kernel's one table for all namespaces, past its default cap
+    of 1,024: the harness raises the cap while the run lives (and the last run
+    puts it back), or SYNs to new neighbours vanish."""
+    require_netns()
+    before = _neigh_threshold()
+    n = 36
+    with Cluster(n, prefix="fdm") as cluster:
+        assert _neigh_threshold() >= 2 * (n + 1) ** 2
+        addrs = [h.addr for h in cluster.hosts]
+        procs = []
+        for h in cluster.hosts:
+            others = ",".join(a for a in addrs if a != h.addr)
+            p = h.popen([sys.executable, "-c", _MESH, h.addr, others, "9200"],
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+            procs.append(p)
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        failed = {}
+        for h, p in zip(cluster.hosts, procs):
+            assert p.stdout is not None
+            lost = json.loads(p.stdout.readline())
+            if lost:
+                failed[h.addr] = lost
+        assert not failed, f"{sum(map(len, failed.values()))} of {n * (n - 1)} connections lost"
+    from tests.netns import _owner_alive, _records
+    if not any(_owner_alive(r) for r in _records()):
+        assert _neigh_threshold() == before  # the last run out put the cap back
