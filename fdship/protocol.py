@@ -410,7 +410,10 @@ class Ack:
     kind: str = ""
     error: str = ""
     nbytes: int = 0  # bytes that crossed the network for this chunk
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole fetch, waiting for a download slot included
+    # The network transfer alone (connect, request, body), for the center's
+    # link-speed estimates; 0 when nothing was fetched from the peer.
+    wire_seconds: float = 0.0
     # The chunk was taken from the target's old copy of the file: nothing was
     # fetched (nbytes 0), so it must not count as the peer's upload.
     local: bool = False
@@ -418,7 +421,8 @@ class Ack:
     def to_json(self) -> dict[str, Any]:
         return {"job": self.job, "file": self.file, "chunk": self.chunk, "peer": self.peer,
                 "ok": self.ok, "kind": self.kind, "error": self.error, "bytes": self.nbytes,
-                "seconds": self.seconds, "local": self.local}
+                "seconds": self.seconds, "wire_seconds": self.wire_seconds,
+                "local": self.local}
 
     @classmethod
     def from_json(cls, obj: Any) -> Ack:
@@ -431,6 +435,7 @@ class Ack:
                    chunk=_nonneg(d, "chunk", "ack"), peer=_get(d, "peer", str, "ack", ""),
                    ok=ok, kind=kind, error=_get(d, "error", str, "ack", "")[:2000],
                    nbytes=_nonneg(d, "bytes", "ack", 0), seconds=_num(d, "seconds", "ack", 0.0),
+                   wire_seconds=max(0.0, _num(d, "wire_seconds", "ack", 0.0)),
                    local=_get(d, "local", bool, "ack", False))
 
 

@@ -90,6 +90,7 @@ class Transfer:
     version: int = 0  # bumped on every rate change: stale heap entries are skipped
     id: int = 0
     drained: bool = False  # the target told the center it is about to finish
+    started: float = 0.0  # when the first byte could move (the target times from here)
 
 
 @dataclass(eq=False)
@@ -292,7 +293,7 @@ class SimCluster:
         self._next_id += 1
         self.flows_started += 1
         tr = Transfer(job, target, peer, file, chunk, remaining=float(max(size, 1)), size=size,
-                      stamp=now, id=self._next_id)
+                      stamp=now, id=self._next_id, started=now)
         p.up_flows.append(tr)
         t.down_flows.append(tr)
         p.uploads += 1
@@ -341,7 +342,7 @@ class SimCluster:
             t.bytes_down += tr.size
             t.held.add((tr.job, tr.file, tr.chunk))
             ev = ChunkStored(job=tr.job, host=tr.target, file=tr.file, chunk=tr.chunk,
-                             peer=tr.peer, nbytes=tr.size)
+                             peer=tr.peer, nbytes=tr.size, seconds=now - tr.started)
         self._push(now + self._delay(), _CENTER, ev)
 
     # -- bandwidth sharing ----------------------------------------------------------

@@ -129,7 +129,7 @@ class AckHandler(CenterHandler):
                 if a.local:
                     m.reused.inc()
                 ev: Any = ChunkStored(job=a.job, host=batch.host, file=a.file, chunk=a.chunk,
-                                      peer=a.peer, nbytes=a.nbytes)
+                                      peer=a.peer, nbytes=a.nbytes, seconds=a.wire_seconds)
             else:
                 m.failures.labels(reason=a.kind).inc()
                 log.info("job=%s host=%s chunk %d/%d from %s failed (%s): %s", a.job, batch.host,

@@ -87,6 +87,11 @@ class ChunkStored(Event):
     chunk: int
     peer: str = ""
     nbytes: int = 0
+    # How long the bytes took on the wire, timed by the target (connect,
+    # request, body); 0 when it did not say.  The center's own view (assign
+    # to ack) adds the pull and ack round trips and any wait behind the
+    # target's previous chunk, and so reads a link at a fraction of its speed.
+    seconds: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -143,6 +143,15 @@ class HostState:
     # the peer still serves them until the ack, so they count against its
     # hard cap on concurrent uploads (max_uploads).
     draining_uploads: int = 0
+    draining_downloads: int = 0  # the same at the receiving end
+    # Link-share clocks (soft): the integral over time of 1 / (transfers on the
+    # link) while it carries any, advanced on every change of the counts.  A
+    # transfer's share of a link over its life is the clock's difference
+    # across it, so a rate sample can be scaled to the whole link even when
+    # the transfers beside it came and went mid-way.
+    up_clock: float = 0.0
+    down_clock: float = 0.0
+    clock_at: float = 0.0
     reported_uploads: int = 0
     reported_downloads: int = 0
     bytes_served: int = 0
@@ -151,7 +160,8 @@ class HostState:
     want_inventory: bool = True
     bad_serves: int = 0  # chunks from this host that failed their hash
     # Estimated uplink and downlink (bytes/s) from the chunks this host served
-    # and fetched: per-transfer rate times the transfers it ran side by side.
+    # and fetched: the best recent rate of a transfer that had the link to
+    # itself (``_observe``), so a lower bound.
     up_rate: float = 0.0
     down_rate: float = 0.0
     # Fractions of the uplink and downlink the assigned transfers are expected to use.
@@ -173,7 +183,9 @@ class Machine:
     finished: float | None = None
     hook: dict[str, Any] | None = None
     # soft
-    inflight: dict[int, tuple[str, float]] = field(default_factory=dict)
+    # Per in-flight chunk: the peer, when it was assigned, and the peer's
+    # up_clock and this target's down_clock then.
+    inflight: dict[int, tuple[str, float, float, float]] = field(default_factory=dict)
     # Per in-flight chunk: the share of the peer's uplink and of our downlink it holds.
     loads: dict[int, tuple[float, float]] = field(default_factory=dict)
     attempts: dict[int, int] = field(default_factory=dict)
@@ -253,6 +265,7 @@ class Scheduler:
         self.fleet_cpu = 0.0
         # The downlink of the fleet's fast hosts (bytes/s), as measured.
         self.ref_rate = 0.0
+        self._now = 0.0
         self.pending_beats: dict[str, Any] = {}
         self.dirty_jobs: set[str] = set()
         self.dirty_hosts: set[str] = set()
@@ -263,6 +276,7 @@ class Scheduler:
     # ------------------------------------------------------------------ dispatch
 
     def handle(self, event: Event, now: float) -> list[Action]:
+        self._now = now  # for the link-share clocks (see ``_advance``)
         method = getattr(self, "_on_" + type(event).__name__, None)
         if method is None:  # a schedule's own event
             return self.schedules.handle(event, now)
@@ -428,7 +442,12 @@ class Scheduler:
         entry = m.inflight.get(g)
         peer = self.hosts.get(entry[0]) if entry is not None else None
         if entry is not None:
-            self._observe(job, m, g, peer, now - entry[1])
+            # The target's own timing of the transfer, when it gave one that
+            # fits inside the center's (a report claiming more cannot be right).
+            dt = now - entry[1]
+            if 0 < ev.seconds < dt:
+                dt = ev.seconds
+            self._observe(job, m, g, peer, entry[1], dt, entry[2], entry[3])
         self._release(job, m, g)
         actions: list[Action] = []
         if m.ended or g in m.have:
@@ -733,7 +752,7 @@ class Scheduler:
         for m in job.machines.values():
             if m.ended:
                 continue
-            for g, (peer, since) in list(m.inflight.items()):
+            for g, (peer, since, _, _) in list(m.inflight.items()):
                 if now - since > self.t.fetch_timeout:
                     f, c = job.where[g]
                     actions += self._on_FetchFailed(FetchFailed(
@@ -773,7 +792,8 @@ class Scheduler:
         for h in self.hosts.values():
             # Give every known daemon one heartbeat timeout to show up again.
             h.alive, h.last_seen, h.want_inventory = False, now, True
-            h.uploads = h.downloads = h.draining_uploads = 0
+            h.uploads = h.downloads = h.draining_uploads = h.draining_downloads = 0
+            h.clock_at = now
             h.up_load = h.down_load = 0.0
         self.free_up.clear()
         self.wakeups.clear()
@@ -808,35 +828,65 @@ class Scheduler:
             job.holders[g].discard(name)
             job.holder_list[g] = list(job.holders[g])
 
-    def _observe(self, job: Job, m: Machine, g: int, peer: HostState | None, dt: float) -> None:
-        """Learn link speeds from a finished fetch (soft state, for ranking only)."""
+    def _advance(self, h: HostState) -> None:
+        """Bring h's link-share clocks up to now; call before its counts change."""
+        dt = self._now - h.clock_at
+        if dt > 0:
+            ups = h.uploads + h.draining_uploads
+            downs = h.downloads + h.draining_downloads
+            if ups:
+                h.up_clock += dt / ups
+            if downs:
+                h.down_clock += dt / downs
+        h.clock_at = max(h.clock_at, self._now)
+
+    def _observe(self, job: Job, m: Machine, g: int, peer: HostState | None, since: float,
+                 dt: float, up_clock0: float, down_clock0: float) -> None:
+        """Learn link speeds from a finished fetch (soft state, for ranking only).
+
+        ``since``: when it was assigned; ``dt``: how long its bytes took;
+        ``up_clock0`` / ``down_clock0``: the peer's and the target's link-share
+        clocks when it was assigned.
+        """
         size = job.chunk_size_of(g)
         if dt <= 0 or size < 64 * 1024:  # small chunks measure round trips, not links
             return
         rate = size / dt
         t = self.hosts.get(m.name)
-        # A transfer shares each end with the others running there, and one
-        # end may have held it back: a sample measures an end only when it is
-        # as fast as the fleet's fastest, or when the other end is known to be
-        # clearly faster (so this end was the bottleneck).  Ambiguous samples
-        # (both ends slow, both unknown) teach nothing, so a fast host is
-        # never taken for a slow one because its first peer was slow.  An
-        # estimate follows the best recent sample, forgotten slowly (5%).
-        agg_up = rate * max(1, peer.uploads) if peer is not None else 0.0
-        agg_down = rate * max(1, t.downloads) if t is not None else 0.0
-        self.ref_rate = max(0.999 * self.ref_rate, agg_up, agg_down)
-        # A pair that had nothing else running is the clean case: the rate is
-        # the slower end's.  (Concurrency during a transfer is not known, only
-        # at its end, so shared transfers only ever show an end to be fast.)
-        alone = peer is not None and t is not None and peer.uploads == 1 and t.downloads == 1
+        # A sample measures an end only if the transfer had that link (nearly)
+        # to itself over its life: its share, from the link-share clocks, is
+        # ALONE or more.  Samples are never scaled up by the transfers that
+        # shared a link: the center's view of who overlapped whom is off by
+        # the round trips at each end, and scaling by it once read an 80
+        # Mbit/s link as 125 Mbit/s; every other host then looked slow beside
+        # it, and peers were given four uploads at once.  So an estimate is
+        # the rate of one real transfer: a lower bound on its link, never more.
+        life = self._now - since
+        up_alone = down_alone = False
+        if peer is not None and life > 0:
+            self._advance(peer)
+            up_alone = (peer.up_clock - up_clock0) / life >= ALONE
+        if t is not None and life > 0:
+            self._advance(t)
+            down_alone = (t.down_clock - down_clock0) / life >= ALONE
+        if not (up_alone or down_alone):
+            return
+        # One end may have held the transfer back: a sample measures an end
+        # only when it is as fast as the fleet's fastest, or when the other
+        # end is known to be clearly faster (so this end was the bottleneck).
+        # Ambiguous samples (both ends slow, both unknown) teach nothing, so a
+        # fast host is never taken for a slow one because its first peer was
+        # slow.  An estimate follows the best recent sample, forgotten slowly (5%).
+        self.ref_rate = max(0.999 * self.ref_rate, rate)
+        both = up_alone and down_alone
         down_known = t.down_rate if t is not None else 0.0
         up_known = peer.up_rate if peer is not None else 0.0
-        if peer is not None and (agg_up >= 0.8 * self.ref_rate or
-                                 (alone and down_known >= 1.5 * rate)):
-            peer.up_rate = max(agg_up, 0.95 * peer.up_rate)
-        if t is not None and (agg_down >= 0.8 * self.ref_rate or
-                              (alone and up_known >= 1.5 * rate)):
-            t.down_rate = max(agg_down, 0.95 * t.down_rate)
+        if peer is not None and up_alone and (rate >= 0.8 * self.ref_rate or
+                                              (both and down_known >= 1.5 * rate)):
+            peer.up_rate = max(rate, 0.95 * peer.up_rate)
+        if t is not None and down_alone and (rate >= 0.8 * self.ref_rate or
+                                             (both and up_known >= 1.5 * rate)):
+            t.down_rate = max(rate, 0.95 * t.down_rate)
 
     def _slow(self, t: HostState) -> bool:
         """A target whose downlink is well below the fleet's fast ones."""
@@ -886,16 +936,24 @@ class Scheduler:
         """
         loads = m.loads.pop(g, None)
         p = self.hosts.get(peer)
+        t = self.hosts.get(m.name)
+        for h in (p, t):
+            if h is not None:
+                self._advance(h)
         if loads is None:
-            if not draining and p is not None and p.draining_uploads > 0:
-                p.draining_uploads -= 1  # the drained transfer ended
-                self._upd_free(p)
+            if not draining:  # the drained transfer ended
+                if t is not None and t.draining_downloads > 0:
+                    t.draining_downloads -= 1
+                if p is not None and p.draining_uploads > 0:
+                    p.draining_uploads -= 1
+                    self._upd_free(p)
             return
         up, down = loads
-        t = self.hosts.get(m.name)
         if t is not None and t.downloads > 0:
             t.downloads -= 1
             t.down_load = max(0.0, t.down_load - down) if t.downloads else 0.0
+            if draining:
+                t.draining_downloads += 1
         if p is not None and p.uploads > 0:
             p.uploads -= 1
             p.up_load = max(0.0, p.up_load - up) if p.uploads else 0.0
@@ -921,7 +979,7 @@ class Scheduler:
                     m.packing.clear()
                     m.hook_sent = False
                     continue
-                for g, (peer, _) in list(m.inflight.items()):
+                for g, (peer, *_) in list(m.inflight.items()):
                     if peer == h.name:
                         self._release(job, m, g)
                         touched.append((job, m))
@@ -1218,7 +1276,6 @@ class Scheduler:
                 batch: dict[tuple[str, str], list[Fetch]]) -> None:
         f, c = job.where[g]
         off, size = chunk_span(job.files[f].size, job.chunk_size, c)
-        m.inflight[g] = (peer.name, now)
         # The rate this transfer can run at, as a share of each end's link;
         # unknown speeds count as equal (a full share at both ends).
         # Estimates only bound a link from below, so only a clearly slower
@@ -1237,10 +1294,13 @@ class Scheduler:
             up = 0.5
         m.loads[g] = (up, down)
         job.inflight_count[g] += 1
+        self._advance(t)
+        self._advance(peer)
         t.downloads += 1
         t.down_load += down
         peer.uploads += 1
         peer.up_load += up
+        m.inflight[g] = (peer.name, now, peer.up_clock, t.down_clock)
         self._upd_free(peer)
         if peer.name == job.source:
             job.source_sends[g] += 1
@@ -1424,6 +1484,9 @@ SCAN = 256
 # A counterpart slower than this fraction of a link makes a transfer count as
 # that fraction of the link.
 SLOWER = 0.4
+# A transfer that had at least this share of a link over its life (the rest
+# is the overlap with the chunks before and after it) measures that link.
+ALONE = 0.75
 # A link whose assigned transfers are expected to use more than its budget
 # minus this is full (so a fast link takes up to four transfers that each run
 # at a quarter of its rate, and one that runs at its full rate).

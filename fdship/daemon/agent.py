@@ -497,7 +497,7 @@ class Daemon:
             await self.fetch_slots.acquire()
             held = True
             try:
-                local = False
+                local, wire = False, 0.0
                 got = await self.delta.fetch(job, f, st.final_path, st.write_fd,
                                              self.cfg.fetch_timeout)
                 if got is not None and got.ok:
@@ -505,16 +505,19 @@ class Daemon:
                 else:
                     on_drain = self._drain_notice(job, f, release) if self.cfg.fetch_lead > 0 \
                         else None
+                    t_wire = time.monotonic()
                     n = await self.pool.fetch(f.peer, job, f.file, f.chunk, f.size, f.xxh3,
                                               st.write_fd, f.offset, self.cfg.fetch_timeout,
                                               on_drain=on_drain)
+                    wire = time.monotonic() - t_wire
                     n += got.nbytes if got is not None else 0
             finally:
                 release()
             st.mark_chunk(f.chunk, f.xxh3)
             self.queue_ack(P.Ack(job=job, file=f.file, chunk=f.chunk, peer=f.peer_name, ok=True,
                                  nbytes=n, local=local,
-                                 seconds=round(time.monotonic() - t0, 4)))
+                                 seconds=round(time.monotonic() - t0, 4),
+                                 wire_seconds=round(wire, 6)))
         except FetchError as e:
             log.info("job=%s chunk %d/%d from %s failed (%s): %s", job, f.file, f.chunk,
                      f.peer_name, e.kind, e)

@@ -148,7 +148,7 @@ def _running_job(c: InProcessCenter, address: str, nchunks: int) -> tuple[str, i
     r.redo.sync()
     m = r.sched.jobs[ev.job].machines["t1"]
     assert len(m.inflight) == 1, m.inflight  # one download slot: one fetch
-    (g, (peer, _since)), = m.inflight.items()
+    (g, (peer, *_)), = m.inflight.items()
     return ev.job, g, peer
 
 

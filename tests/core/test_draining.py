@@ -9,6 +9,8 @@ the notice still retries it.
 
 from __future__ import annotations
 
+import pytest
+
 from fdship.core.actions import AssignFetch
 from fdship.core.events import ChunkStored, FetchDraining, FetchFailed
 from fdship.protocol import FAIL_CONNECT
@@ -152,3 +154,54 @@ def test_hosts_view_shows_the_link_speeds_the_scheduler_learned():
     assert any(r["link"]["up"] > 0 for r in rows.values())  # learned from finished fetches
     slow = [n for n, r in rows.items() if r["link"]["slow"]]
     assert set(slow) <= sim.slow, (slow, sim.slow)  # never a fast host taken for slow
+
+
+# --- link speeds: what a finished fetch teaches ----------------------------------
+
+
+def test_a_link_speed_comes_from_the_targets_own_timing():
+    """The center sees assignment to ack (two round trips and the ack batching
+    on top of the transfer); the target times the bytes on the wire.  Its
+    figure is used, unless it claims more than the center's own interval."""
+    s, (tgt, f, c, peer) = one_target()
+    run(s, ChunkStored(job="j1", host=tgt, file=f, chunk=c, peer=peer, nbytes=CS, seconds=0.5),
+        T0 + 2.0)
+    assert s.hosts["h1"].down_rate == pytest.approx(CS / 0.5)
+    assert s.hosts["h0"].up_rate == pytest.approx(CS / 0.5)
+    s, (tgt, f, c, peer) = one_target()
+    run(s, ChunkStored(job="j1", host=tgt, file=f, chunk=c, peer=peer, nbytes=CS, seconds=9.0),
+        T0 + 2.0)
+    assert s.hosts["h1"].down_rate == pytest.approx(CS / 2.0)
+
+
+def test_transfers_that_overlap_only_the_tail_do_not_inflate_a_link_speed():
+    """A fetch that ran alone, acked while two others (started at its drain
+    notice and by a second job) run from the same peer, measured the peer's
+    whole uplink: its speed is that fetch's rate, not twice it.  Scaling by the
+    count at the ack once read 80 Mbit/s links as up to 125, so every other
+    host looked slow and peers took four uploads at once."""
+    s = cluster(3, max_downloads=4)
+    _, acts = submit(s, [fake_file("/a", 4 * CS, CS)], ["h1"])
+    (tgt, f, c, peer), = fetches(acts)
+    run(s, FetchDraining(job="j1", host=tgt, file=f, chunk=c, peer=peer), T0 + 0.4)
+    _, acts = submit(s, [fake_file("/b", 4 * CS, CS)], ["h2"], job="j2", now=T0 + 0.42)
+    assert [a[3] for a in fetches(acts)] == ["h0"]
+    assert s.hosts["h0"].uploads == 2  # the drained fetch is no longer counted
+    run(s, ChunkStored(job="j1", host=tgt, file=f, chunk=c, peer=peer, nbytes=CS, seconds=0.4),
+        T0 + 0.45)
+    assert s.hosts["h0"].up_rate == pytest.approx(CS / 0.4)
+    assert s.ref_rate == pytest.approx(CS / 0.4)
+
+
+def test_a_fetch_that_shared_its_link_throughout_teaches_nothing_about_it():
+    """Two fetches hedged from the source to two targets of unknown speed share
+    its uplink from start to end: neither measures it (each got about half)."""
+    s = cluster(3, max_downloads=4)
+    _, acts = submit(s, [fake_file("/a", 4 * CS, CS)], ["h1", "h2"])
+    got = fetches(acts)
+    assert sorted(a[0] for a in got) == ["h1", "h2"] and {a[3] for a in got} == {"h0"}
+    tgt, f, c, peer = got[0]
+    run(s, ChunkStored(job="j1", host=tgt, file=f, chunk=c, peer=peer, nbytes=CS, seconds=0.8),
+        T0 + 0.85)
+    assert s.hosts["h0"].up_rate == 0.0  # unknown, not half its real speed
+    assert s.hosts[tgt].down_rate == pytest.approx(CS / 0.8)  # its own downlink ran alone
