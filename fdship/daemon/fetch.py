@@ -381,6 +381,15 @@ class _Conn(asyncio.BufferedProtocol):
         req.fut.set_result(req.pos)
 
 
+# Parallel connection attempts to one peer at most (see PeerPool._connect).
+MAX_CONNECT_ATTEMPTS = 3
+
+
+def _close_if_connected(t: asyncio.Task[_Conn]) -> None:
+    if not t.cancelled() and t.exception() is None:
+        t.result().close()
+
+
 class PeerPool:
     """Keep-alive connections to peers and the fetch that uses them.
 
@@ -398,8 +407,13 @@ class PeerPool:
                  limiter: RateLimiter | None = None, max_idle_per_peer: int = 4,
                  max_idle: int = 64, ssl: ssl_module.SSLContext | None = None,
                  stall_timeout: float = 10.0, drain_lead: float = 0.0,
-                 max_idle_age: float = 60.0) -> None:
+                 max_idle_age: float = 60.0, connect_stagger: float = 0.25) -> None:
         self.token = token
+        # A connection attempt unanswered this long gets a second one beside
+        # it (then a third...), the first to complete wins: a SYN or SYN-ACK
+        # dropped by a full queue otherwise costs the kernel's 1 s SYN
+        # retransmission timer.  0: one attempt only.
+        self.connect_stagger = connect_stagger
         # TLS to peers (the cluster serves HTTPS): the handshake counts against
         # connect_timeout, and the body still lands in the one reusable buffer.
         self.ssl = ssl
@@ -415,26 +429,61 @@ class PeerPool:
         return self._idle.count(peer)
 
     async def _connect(self, peer: str) -> _Conn:
+        """A new connection to ``peer``, from staggered parallel attempts.
+
+        Like Happy Eyeballs (RFC 8305) across time instead of address
+        families: attempt k+1 starts when attempts 1..k have gone
+        ``connect_stagger`` seconds without completing, and the first to
+        complete is used; the others are closed.  On a quiet network the
+        first answers in a round trip and no second attempt is made.  A peer
+        that refuses outright fails at once, whatever attempts are pending.
+        """
         host, sep, port = peer.rpartition(":")
         if not sep or not port.isdigit():
             raise FetchError(FAIL_CONNECT, f"peer address {peer!r} is not HOST:PORT")
         loop = asyncio.get_running_loop()
+        addr = host.strip("[]")
+
+        async def attempt() -> _Conn:
+            _, conn = await loop.create_connection(
+                lambda: _Conn(self, peer), addr, int(port), ssl=self.ssl,
+                server_hostname=addr if self.ssl else None)
+            return conn
+
+        deadline = loop.time() + self.connect_timeout
+        tries: list[asyncio.Task[_Conn]] = []
         try:
-            _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _Conn(self, peer), host.strip("[]"), int(port),
-                                       ssl=self.ssl,
-                                       server_hostname=host.strip("[]") if self.ssl else None),
-                self.connect_timeout)
-        except asyncio.TimeoutError:
-            raise FetchError(FAIL_TIMEOUT, f"timed out connecting to peer {peer} after "
-                             f"{self.connect_timeout:g} s") from None
-        except ssl_module.SSLError as e:
-            raise FetchError(FAIL_CONNECT, f"TLS with peer {peer} failed: {e}") from None
-        except OSError as e:
-            raise FetchError(FAIL_CONNECT, f"cannot connect to peer {peer}: "
-                             f"{e.strerror or e}") from None
-        self.stats.connections_opened += 1
-        return conn
+            started = 0
+            while True:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise FetchError(FAIL_TIMEOUT, f"timed out connecting to peer {peer} after "
+                                     f"{self.connect_timeout:g} s ({started} attempts)")
+                if started < MAX_CONNECT_ATTEMPTS:
+                    tries.append(asyncio.ensure_future(attempt()))
+                    started += 1
+                wait = left
+                if self.connect_stagger > 0 and started < MAX_CONNECT_ATTEMPTS:
+                    wait = min(left, self.connect_stagger)
+                done, _ = await asyncio.wait(tries, timeout=wait,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    tries.remove(t)
+                    e = t.exception()
+                    if e is None:
+                        self.stats.connections_opened += 1
+                        return t.result()
+                    if isinstance(e, ssl_module.SSLError):
+                        raise FetchError(FAIL_CONNECT, f"TLS with peer {peer} failed: {e}") \
+                            from None
+                    if isinstance(e, OSError):
+                        raise FetchError(FAIL_CONNECT, f"cannot connect to peer {peer}: "
+                                         f"{e.strerror or e}") from None
+                    raise e
+        finally:
+            for t in tries:  # the losers: cancel, or close what completed meanwhile
+                t.cancel()
+                t.add_done_callback(_close_if_connected)
 
     def _give_back(self, conn: _Conn) -> None:
         conn.req = None
