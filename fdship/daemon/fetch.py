@@ -451,6 +451,7 @@ class PeerPool:
             return conn
 
         deadline = loop.time() + self.connect_timeout
+        most = MAX_CONNECT_ATTEMPTS if self.connect_stagger > 0 else 1
         tries: list[asyncio.Task[_Conn]] = []
         try:
             started = 0
@@ -459,12 +460,10 @@ class PeerPool:
                 if left <= 0:
                     raise FetchError(FAIL_TIMEOUT, f"timed out connecting to peer {peer} after "
                                      f"{self.connect_timeout:g} s ({started} attempts)")
-                if started < MAX_CONNECT_ATTEMPTS:
+                if started < most:
                     tries.append(asyncio.ensure_future(attempt()))
                     started += 1
-                wait = left
-                if self.connect_stagger > 0 and started < MAX_CONNECT_ATTEMPTS:
-                    wait = min(left, self.connect_stagger)
+                wait = min(left, self.connect_stagger) if started < most else left
                 done, _ = await asyncio.wait(tries, timeout=wait,
                                              return_when=asyncio.FIRST_COMPLETED)
                 for t in done:
