@@ -410,7 +410,10 @@ def _size_neighbour_table() -> None:
     hold the state lock.
     """
     try:
-        current = {k: int(open(_NEIGH + k, encoding="ascii").read()) for k in ("2", "3")}
+        current = {}
+        for k in ("2", "3"):
+            with open(_NEIGH + k, encoding="ascii") as fh:
+                current[k] = int(fh.read())
     except (OSError, ValueError):
         return  # not Linux, or not allowed to read: leave it alone
     live = [r for r in _records() if _owner_alive(r)]
