@@ -639,9 +639,15 @@ class Heartbeat:
     version: str = ""
     # Sent on registration and whenever the center asks for it.
     inventory: tuple[Holding, ...] | None = None
+    # The daemon serves a chunk while it is still arriving (GET /daemon/download
+    # streams the bytes as they land), so the center may name it as the peer for
+    # a chunk it is fetching.  False from daemons that predate it: during a
+    # rolling upgrade the center names them only for chunks they hold.
+    streams: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "address": self.address, "boot_id": self.boot_id,
+                "streams": self.streams,
                 "labels": list(self.labels), "load": self.load.to_json(), "free": dict(self.free),
                 "allow_dest": list(self.allow_dest), "hooks": list(self.hooks),
                 "max_uploads": self.max_uploads, "max_downloads": self.max_downloads,
@@ -670,6 +676,7 @@ class Heartbeat:
                    max_uploads=max(1, _nonneg(d, "max_uploads", "heartbeat", 4)),
                    max_downloads=max(1, _nonneg(d, "max_downloads", "heartbeat", 4)),
                    version=_get(d, "version", str, "heartbeat", ""),
+                   streams=_get(d, "streams", bool, "heartbeat", False),
                    inventory=None if inv is None else tuple(Holding.from_json(h) for h in inv))
 
 
