@@ -112,7 +112,7 @@ class _Request:
 
     def __init__(self, peer: str, fd: int, offset: int, size: int, xxh3: str,
                  fut: asyncio.Future[int], on_drain: Callable[[], None] | None = None,
-                 lead: float = 0.0) -> None:
+                 lead: float = 0.0, on_progress: Callable[[int], None] | None = None) -> None:
         self.peer = peer
         self.fd = fd
         self.offset = offset
@@ -131,6 +131,8 @@ class _Request:
         # Drain notice: called once, ``lead`` seconds before the estimated last byte.
         self.on_drain = on_drain if lead > 0 else None
         self.lead = lead
+        # Told the count of body bytes written after every pwrite (cut-through serving).
+        self.on_progress = on_progress
         self.t_sent = 0.0  # loop time the request was written: the rate counts from there
         # Stall watch: loop time of the last byte (or of our own limiter's resume).
         self.last_rx = 0.0
@@ -275,6 +277,15 @@ class _Conn(asyncio.BufferedProtocol):
             except Exception:  # a notice is a hint: it must never fail the fetch
                 log.exception("drain notice for a fetch from %s failed", self.peer)
 
+    def _progress(self, req: _Request) -> None:
+        try:
+            req.on_progress(req.pos)  # type: ignore[misc]
+        except Exception:
+            # Progress feeds other peers' downloads; it must never fail ours.  A
+            # broken callback would fail again on every read: call it no more.
+            req.on_progress = None
+            log.exception("progress report for a fetch from %s failed", self.peer)
+
     def _feed(self, req: _Request, data: memoryview) -> None:
         req.got_any = True
         if not req.status:
@@ -353,6 +364,8 @@ class _Conn(asyncio.BufferedProtocol):
             off += w
         req.pos += n
         self.pool.stats.bytes_received += n
+        if req.on_progress is not None:
+            self._progress(req)
         if req.on_drain is not None and req.pos < req.size:
             self._maybe_drain(req)
         limiter = self.pool.limiter
@@ -493,7 +506,8 @@ class PeerPool:
 
     async def fetch(self, peer: str, job: str, file: int, chunk: int, size: int, xxh3: str,
                     fd: int, offset: int, timeout: float,
-                    on_drain: Callable[[], None] | None = None) -> int:
+                    on_drain: Callable[[], None] | None = None,
+                    on_progress: Callable[[int], None] | None = None) -> int:
         """Fetch one chunk from ``peer`` into ``fd`` at ``offset``; return its size.
 
         Raises FetchError (kind in ``fdship.protocol.FAIL_KINDS``) unless the
@@ -502,11 +516,15 @@ class PeerPool:
         ``on_drain`` is called at most once, synchronously from the read path,
         when the rest of the body should arrive within ``drain_lead`` seconds
         (never when the whole body arrives in one read); it must not block.
+        ``on_progress(n)`` is called synchronously after every write into
+        ``fd`` with ``n``, the count of this chunk's bytes written so far (from
+        ``offset`` on, front to back, not yet verified); it must not block
+        either: it runs on every socket read.
         """
         self.stats.in_flight += 1
         try:
             n = await self._fetch(peer, job, file, chunk, size, xxh3, fd, offset, timeout,
-                                  on_drain)
+                                  on_drain, on_progress)
         except FetchError as e:
             self.stats.failed(e.kind)
             raise
@@ -517,7 +535,8 @@ class PeerPool:
 
     async def _fetch(self, peer: str, job: str, file: int, chunk: int, size: int, xxh3: str,
                      fd: int, offset: int, timeout: float,
-                     on_drain: Callable[[], None] | None) -> int:
+                     on_drain: Callable[[], None] | None,
+                     on_progress: Callable[[int], None] | None = None) -> int:
         if self._closed:
             raise FetchError(FAIL_CONNECT, "the peer pool is closed")
         target = (f"{DAEMON_DOWNLOAD}?job={quote(job, safe='')}&file={int(file)}"
@@ -546,7 +565,7 @@ class PeerPool:
                         self.stats.connections_reused += 1
                     fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
                     req = _Request(peer, fd, offset, size, xxh3, fut, on_drain,
-                                   self.drain_lead)
+                                   self.drain_lead, on_progress)
                     conn.send(req, request)
                     try:
                         n = await fut
