@@ -346,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--lead", type=float, default=None,
                      help="seconds before its last byte a fetch tells the center it is about "
                           "to finish (the daemon's fetch_lead; default 0.05, 0: never)")
+    sim.add_argument("--stream-depth", type=int, default=None,
+                     help="hosts a chunk may pass through while still arriving (the center's "
+                          "stream_depth; default 4, 0: only hosts holding a chunk serve it)")
     sim.add_argument("--json", action="store_true")
     sim.set_defaults(fn=cmd_simulate)
     return p

@@ -56,12 +56,15 @@ MAX_HOSTS = 100_000
 
 def simulate(hosts: int, size: int, bandwidth: float, chunk_size: int = 4 * 1024 * 1024,
              slow_fraction: float = 0.0, seed: int = 1, latency: float = DEFAULT_LATENCY,
-             tunables: Tunables | None = None, lead: float = DEFAULT_LEAD) -> dict[str, Any]:
+             tunables: Tunables | None = None, lead: float = DEFAULT_LEAD,
+             stream_depth: int | None = None) -> dict[str, Any]:
     """Ship one ``size``-byte file from host 0 to all others; return the figures."""
     wall0 = time.perf_counter()
     sim = SimCluster(hosts, bandwidth, slow_fraction=slow_fraction, slow_factor=SLOW_FACTOR,
                      seed=seed, latency=latency, jitter=0.5, drain_lead=lead,
-                     tunables=tunables or Tunables(heartbeat_timeout=1e9, chunk_size=chunk_size))
+                     tunables=tunables or Tunables(
+                         heartbeat_timeout=1e9, chunk_size=chunk_size,
+                         **({} if stream_depth is None else {"stream_depth": stream_depth})))
     cpu_setup = sim.cpu_seconds  # registering the hosts is not part of the job
     targets = [n for n in sim.hosts if n != "h00000"]
     job = sim.submit([fake_file("/sim/file.bin", size, chunk_size)], targets,
@@ -98,6 +101,7 @@ def simulate(hosts: int, size: int, bandwidth: float, chunk_size: int = 4 * 1024
         "events": summ["events"], "transfers": summ["transfers"],
         "mean_slot_gap_s": summ["mean_slot_gap"], "mean_idle_s": summ["mean_idle_seconds"],
         "violations": len(summ["violations"]),
+        "stream_depth": sim.sched.t.stream_depth, "relayed": sim.relayed,
         "wall_s": time.perf_counter() - wall0,
     }
 
@@ -138,7 +142,11 @@ def run_simulation(args: argparse.Namespace) -> int:
     if lead < 0:
         raise ConfigError("--lead must be at least 0 seconds (0: fetches never announce "
                           "their end), e.g. 0.05")
-    r = simulate(hosts, size, bandwidth, chunk, slow, int(args.seed), latency, lead=lead)
+    depth = getattr(args, "stream_depth", None)
+    if depth is not None and not 0 <= int(depth) <= 64:
+        raise ConfigError("--stream-depth must be between 0 (no cut-through) and 64, e.g. 4")
+    r = simulate(hosts, size, bandwidth, chunk, slow, int(args.seed), latency, lead=lead,
+                 stream_depth=None if depth is None else int(depth))
     if getattr(args, "json", False):
         json.dump(r, sys.stdout, indent=2, sort_keys=True)
         print()
@@ -146,7 +154,8 @@ def run_simulation(args: argparse.Namespace) -> int:
     print(f"{r['targets']} targets ({r['slow_hosts']} at a quarter of the bandwidth), "
           f"{_mib(size)} in {r['chunks']} chunks of {_mib(chunk)}, "
           f"{bandwidth / 1048576:.1f} MiB/s links, seed {r['seed']}, "
-          f"{r['latency'] * 1000:g} ms per hop, fetch lead {r['lead'] * 1000:g} ms")
+          f"{r['latency'] * 1000:g} ms per hop, fetch lead {r['lead'] * 1000:g} ms, "
+          f"relay chains up to {r['stream_depth']} hosts")
     print(f"  job {r['state']}: {r['done']}/{r['targets']} targets in {r['completion_s']:.1f} s; "
           f"lower bound S/B {r['lower_bound_s']:.1f} s")
     print(f"  completion / (S/B)     {r['ratio']:.3f}   (job bound {r['job_bound_s']:.1f} s: "
@@ -158,7 +167,8 @@ def run_simulation(args: argparse.Namespace) -> int:
     print(f"  source egress          {r['source_egress_ratio']:.3f} x file size "
           f"(at most {r['max_source_sends']} of any chunk)")
     print(f"  center CPU for the job {r['center_cpu_s']:.3f} s over {r['events']} events "
-          f"({r['transfers']} transfers)")
+          f"({r['transfers']} transfers, {r['relayed']} from a relay still receiving "
+          "the chunk)")
     print(f"  target wait per chunk  {r['mean_slot_gap_s'] * 1000:.1f} ms mean; "
           f"simulated in {r['wall_s']:.1f} s wall")
     if r["violations"]:

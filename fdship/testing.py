@@ -91,6 +91,7 @@ class Transfer:
     id: int = 0
     drained: bool = False  # the target told the center it is about to finish
     started: float = 0.0  # when the first byte could move (the target times from here)
+    relayed: bool = False  # the peer was still receiving the chunk when this began
 
 
 @dataclass(eq=False)
@@ -142,7 +143,10 @@ def waterfill(capacity: float, demands: list[float]) -> list[float]:
 
 
 # Event kinds in the simulator's heap.
-_CENTER, _PULL, _BEGIN, _DONE, _TICK, _BEAT, _DRAIN = range(7)
+_CENTER, _PULL, _BEGIN, _DONE, _TICK, _BEAT, _DRAIN, _RELAYED = range(8)
+
+# How long after a relay's last byte the last byte it passes on arrives.
+RELAY_DELAY = 0.001
 
 
 class SimCluster:
@@ -151,7 +155,8 @@ class SimCluster:
     def __init__(self, n_hosts: int, bandwidth: float, *, slow_fraction: float = 0.0,
                  slow_factor: float = 0.25, seed: int = 1, tunables: Tunables | None = None,
                  latency: float = 0.001, jitter: float = 0.0,
-                 beat_interval: float = 0.0, drain_lead: float = 0.0) -> None:
+                 beat_interval: float = 0.0, drain_lead: float = 0.0,
+                 streams: bool = True) -> None:
         self.rng = random.Random(seed)
         self.clock = FakeClock()
         self.sched = Scheduler(tunables or Tunables(heartbeat_timeout=1e9), seed=seed)
@@ -161,6 +166,15 @@ class SimCluster:
         # Like the daemon's fetch_lead: a fetch tells the center it is about
         # to finish this long before its last byte (0: never).
         self.drain_lead = drain_lead
+        # Like the daemon: a host passes on a chunk while it still arrives
+        # (cut-through), when the center names it as the peer for one.
+        self.streams = streams
+        # (job, file, chunk) -> hosts told to fetch it that have not finished.
+        self.arriving: dict[tuple[str, int, int], set[str]] = {}
+        # (relay, (job, file, chunk)) -> transfers whose bytes all left the
+        # relay's uplink but whose end waits for the relay's own last byte.
+        self.relay_wait: dict[tuple[str, tuple[str, int, int]], list[Transfer]] = {}
+        self.relayed = 0  # transfers that passed on a chunk still arriving
         self.hosts: dict[str, SimHost] = {}
         names = [f"h{i:05d}" for i in range(n_hosts)]
         slow = set(self.rng.sample(names[1:], int(slow_fraction * (n_hosts - 1)))) \
@@ -204,7 +218,7 @@ class SimCluster:
         return HostReported(beat=Heartbeat(name=name, address=f"{name}:7071", boot_id="b1",
                                            labels=h.labels, load=ld,
                                            max_uploads=self.sched.t.max_uploads,
-                                           max_downloads=h.slots))
+                                           max_downloads=h.slots, streams=self.streams))
 
     def set_load(self, name: str, **load: float) -> None:
         """Give a host a load (e.g. ``cpu=95``) and report it to the center at once."""
@@ -241,10 +255,17 @@ class SimCluster:
                 src = self.sched.jobs[a.job].source
                 for f in a.fetches:
                     p = self.hosts[f.peer_name]
-                    if f.peer_name != src and (a.job, f.file, f.chunk) not in p.held:
+                    key = (a.job, f.file, f.chunk)
+                    # A relay the center still believes in may have failed a
+                    # moment ago (its report is on the way): the fetch then
+                    # fails like a 404, which is no scheduling error.
+                    if f.peer_name != src and key not in p.held and not (
+                            self.streams and (f.peer_name in self.arriving.get(key, ())
+                                              or self._believed_relay(a.job, f, f.peer_name))):
                         self.violations.append(
                             f"{a.target} told to fetch {a.job}/{f.file}/{f.chunk} from "
-                            f"{f.peer_name}, which does not hold it")
+                            f"{f.peer_name}, which neither holds it nor is receiving it")
+                    self.arriving.setdefault(key, set()).add(a.target)
                     if f.peer_name == src:
                         k = (a.job, f.file, f.chunk)
                         self.source_sends[k] = self.source_sends.get(k, 0) + 1
@@ -293,7 +314,8 @@ class SimCluster:
         self._next_id += 1
         self.flows_started += 1
         tr = Transfer(job, target, peer, file, chunk, remaining=float(max(size, 1)), size=size,
-                      stamp=now, id=self._next_id, started=now)
+                      stamp=now, id=self._next_id, started=now,
+                      relayed=(job, file, chunk) not in p.held)
         p.up_flows.append(tr)
         t.down_flows.append(tr)
         p.uploads += 1
@@ -317,6 +339,31 @@ class SimCluster:
         self._reflow(p, t)
 
     def _done(self, tr: Transfer) -> None:
+        """Transfer ``tr`` moved its last byte: it ends, or waits for its relay.
+
+        A transfer from a peer still receiving the chunk (cut-through) cannot
+        end before that peer has the last byte: it leaves the links now (it
+        has moved its share of bytes) and ends RELAY_DELAY after its relay's
+        own transfer does, or fails when that one fails.  This is a little
+        optimistic: the real transfer's last bytes trickle at the relay's pace
+        instead of leaving the links early.
+        """
+        key = (tr.job, tr.file, tr.chunk)
+        relay = tr.peer
+        self._unlink(tr)
+        if relay != self.sched.jobs[tr.job].source and key not in self.hosts[relay].held:
+            if relay in self.arriving.get(key, ()):
+                self.relay_wait.setdefault((relay, key), []).append(tr)
+                return
+            self._finish(tr, ok=False, error="simulated relay failure")  # its source broke
+            return
+        self._finish(tr, ok=True)
+
+    def _believed_relay(self, job: str, f: Any, peer: str) -> bool:
+        j = self.sched.jobs[job]
+        return peer in j.streaming[j.base[f.file] + f.chunk]
+
+    def _unlink(self, tr: Transfer) -> None:
         now = self.clock.now
         p, t = self.hosts[tr.peer], self.hosts[tr.target]
         p.up_flows.remove(tr)
@@ -333,17 +380,33 @@ class SimCluster:
             t.freed.append(now)  # the downlink is idle until the next fetch begins
         else:
             t.gaps += 1  # another fetch already flows (it was started early): no gap
+
+    def _finish(self, tr: Transfer, ok: bool, error: str = "simulated reset") -> None:
+        """The fetch ``tr`` ended; report it, and end what was relayed through it."""
+        now = self.clock.now
+        p, t = self.hosts[tr.peer], self.hosts[tr.target]
+        key = (tr.job, tr.file, tr.chunk)
         self.assigned[tr.peer] -= 1
-        if (tr.peer, tr.target) in self.fail_links:
+        self.arriving.get(key, set()).discard(tr.target)
+        if ok and (tr.peer, tr.target) in self.fail_links:
+            ok = False
+        if not ok:
             ev: Event = FetchFailed(job=tr.job, host=tr.target, file=tr.file, chunk=tr.chunk,
-                                    peer=tr.peer, fail=FAIL_CONNECT, error="simulated reset")
+                                    peer=tr.peer, fail=FAIL_CONNECT, error=error)
         else:
             p.bytes_up += tr.size
             t.bytes_down += tr.size
-            t.held.add((tr.job, tr.file, tr.chunk))
+            t.held.add(key)
+            if tr.peer != self.sched.jobs[tr.job].source and tr.relayed:
+                self.relayed += 1
             ev = ChunkStored(job=tr.job, host=tr.target, file=tr.file, chunk=tr.chunk,
                              peer=tr.peer, nbytes=tr.size, seconds=now - tr.started)
         self._push(now + self._delay(), _CENTER, ev)
+        for below in self.relay_wait.pop((tr.target, key), ()):
+            if ok:
+                self._push(now + RELAY_DELAY, _RELAYED, below)
+            else:
+                self._finish(below, ok=False, error=f"simulated: relay {tr.target} lost the chunk")
 
     # -- bandwidth sharing ----------------------------------------------------------
 
@@ -449,6 +512,8 @@ class SimCluster:
                                              chunk=tr.chunk, peer=tr.peer))
             elif kind == _CENTER:
                 self._deliver(payload)
+            elif kind == _RELAYED:
+                self._finish(payload, ok=True)
             elif kind == _PULL:
                 self._pull(payload)
             elif kind == _BEGIN:

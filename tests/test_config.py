@@ -122,7 +122,7 @@ def test_every_config_key_is_documented():
 # ---------------------------------------------------------------------- scheduling tunables
 
 SCHEDULING = {"upload_budget": 1.0, "download_budget": 1.0, "source_extra": 0.1,
-              "backoff_base": 0.2, "backoff_cap": 10.0}
+              "backoff_base": 0.2, "backoff_cap": 10.0, "stream_depth": 4}
 
 
 def test_scheduling_keys_default_to_the_cores_tunables():
@@ -142,14 +142,15 @@ def test_scheduling_keys_from_flags_and_file(tmp_path):
 
     f = tmp_path / "c.toml"
     f.write_text('upload_budget = 2\ndownload_budget = "1.5"\nsource_extra = 0\n'
-                 'backoff_base = "500ms"\nbackoff_cap = "1m"\n')
+                 'backoff_base = "500ms"\nbackoff_cap = "1m"\nstream_depth = 2\n')
     cfg = parse(C.CenterConfig, ["--config", str(f), "--upload-budget", "3.5",
                                  "--backoff-cap", "90s"])
     assert (cfg.upload_budget, cfg.download_budget, cfg.source_extra, cfg.backoff_base,
-            cfg.backoff_cap) == (3.5, 1.5, 0.0, 0.5, 90.0)
+            cfg.backoff_cap, cfg.stream_depth) == (3.5, 1.5, 0.0, 0.5, 90.0, 2)
     t = tunables_from(cfg)
     assert (t.upload_budget, t.download_budget, t.source_extra, t.backoff_base,
-            t.backoff_cap) == (3.5, 1.5, 0.0, 0.5, 90.0)
+            t.backoff_cap, t.stream_depth) == (3.5, 1.5, 0.0, 0.5, 90.0, 2)
+    assert tunables_from(parse(C.CenterConfig, ["--stream-depth", "0"])).stream_depth == 0
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -164,6 +165,9 @@ def test_scheduling_keys_from_flags_and_file(tmp_path):
     (["--source-extra", "-0.1"], "source_extra must be between 0"),
     (["--source-extra", "half"], "source_extra: expected a number"),
     (["--backoff-base", "0"], "backoff_base must be more than 0 seconds"),
+    (["--stream-depth", "-1"], r"stream_depth must be between 0 \(no cut-through"),
+    (["--stream-depth", "65"], "stream_depth must be between 0"),
+    (["--stream-depth", "deep"], "stream_depth"),
     (["--backoff-base", "soon"], "backoff_base: 'soon' is not a duration"),
     (["--backoff-cap", "-1"], "is not a duration"),
     (["--backoff-base", "20s"], r"backoff_cap \(10 s\) must be at least backoff_base \(20 s\)"),

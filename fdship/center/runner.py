@@ -54,7 +54,7 @@ def tunables_from(cfg: CenterConfig) -> Tunables:
                     max_files=cfg.max_files, max_machines=cfg.max_machines,
                     upload_budget=cfg.upload_budget, download_budget=cfg.download_budget,
                     source_extra=cfg.source_extra, backoff_base=cfg.backoff_base,
-                    backoff_cap=cfg.backoff_cap)
+                    backoff_cap=cfg.backoff_cap, stream_depth=cfg.stream_depth)
 
 
 def describe_tunables(t: Tunables) -> str:
@@ -64,7 +64,7 @@ def describe_tunables(t: Tunables) -> str:
             f"download_budget={t.download_budget:g} source_extra={t.source_extra:g} "
             f"backoff_base={t.backoff_base:g}s backoff_cap={t.backoff_cap:g}s "
             f"max_attempts={t.max_attempts} max_uploads={t.max_uploads} "
-            f"max_downloads={t.max_downloads}")
+            f"max_downloads={t.max_downloads} stream_depth={t.stream_depth}")
 
 
 def encode_record(ev: Event, now: float) -> bytes:

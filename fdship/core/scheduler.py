@@ -111,6 +111,14 @@ class Tunables:
     source_extra: float = 0.1
     # Waiting targets a volunteering peer looks at.
     serve_sample: int = 12
+    # Cut-through: a daemon that is still receiving a chunk may pass it on (it
+    # streams the bytes as they land), so a chunk need not arrive whole at a
+    # host before the next one can start on it.  This is how many hosts a chunk
+    # may pass through in one such chain (0: only hosts holding a chunk verified
+    # serve it).  A chain runs at its slowest link and a failure anywhere in it
+    # fails every fetch below, so chains are kept short; a few hops are enough
+    # for copies to multiply by more than doubling per chunk time.
+    stream_depth: int = 4
 
 
 @dataclass
@@ -157,6 +165,7 @@ class HostState:
     bytes_served: int = 0
     bytes_received: int = 0
     version: str = ""
+    streams: bool = False  # serves chunks still arriving (its heartbeat says so)
     want_inventory: bool = True
     bad_serves: int = 0  # chunks from this host that failed their hash
     # Estimated uplink and downlink (bytes/s) from the chunks this host served
@@ -234,6 +243,10 @@ class Job:
     source_extra_left: int = 0
     # Per chunk, its holders as a list, to sample from when there are thousands.
     holder_list: list[list[str]] = field(default_factory=list)
+    # Per chunk, the targets receiving it now from a peer that may be relayed
+    # through them (cut-through), with their place in the chain: 1 when
+    # their peer holds the chunk, one more than their peer's otherwise.
+    streaming: list[dict[str, int]] = field(default_factory=list)
 
     @property
     def nchunks(self) -> int:
@@ -392,7 +405,7 @@ class Scheduler:
                   holders=[set() for _ in where], inflight_count=[0] * len(where),
                   source_sends=[0] * len(where), unsent=dict.fromkeys(range(len(where))),
                   source_extra_left=int(self.t.source_extra * len(where)),
-                  holder_list=[[] for _ in where])
+                  holder_list=[[] for _ in where], streaming=[{} for _ in where])
         if ev.callback:
             job.callback_state = {"url": ev.callback, "state": "pending", "attempts": 0,
                                   "error": None}
@@ -447,8 +460,11 @@ class Scheduler:
             dt = now - entry[1]
             if 0 < ev.seconds < dt:
                 dt = ev.seconds
-            self._observe(job, m, g, peer, entry[1], dt, entry[2], entry[3])
-        self._release(job, m, g)
+            # A relayed chunk (its peer was still receiving it) came at the pace
+            # of the chain above, which says nothing about these two links.
+            if not job.streaming or job.streaming[g].get(m.name, 1) <= 1:
+                self._observe(job, m, g, peer, entry[1], dt, entry[2], entry[3])
+        self._release(job, m, g, ok=True)
         actions: list[Action] = []
         if m.ended or g in m.have:
             actions += self._serve(peer, now)
@@ -558,6 +574,7 @@ class Scheduler:
         h.bytes_served, h.bytes_received = ld.bytes_served, ld.bytes_received
         h.free, h.allow_dest, h.hooks = dict(b.free), tuple(b.allow_dest), tuple(b.hooks)
         h.max_uploads, h.max_downloads, h.version = b.max_uploads, b.max_downloads, b.version
+        h.streams = b.streams
         # A moving average over beats weighs hosts about equally whatever their number.
         self.fleet_cpu += (ld.cpu - self.fleet_cpu) * min(1.0, 2.0 / max(1, len(self.hosts)))
         self._upd_free(h)
@@ -626,11 +643,16 @@ class Scheduler:
         m.total_attempts += 1
         m.last_error = f"chunk {ev.chunk} of {path} from {ev.peer}: {ev.error}"
         self.dirty_jobs.add(job.id)
-        if ev.peer:
+        # A peer that did not hold the chunk was relaying it (cut-through):
+        # when its own fetch broke, every fetch below it broke too, through no
+        # fault of its own, so it is not avoided for it.  A relay's bad bytes
+        # still count against it, as anyone's do.
+        relayed = ev.peer != job.source and ev.peer not in job.holders[g]
+        if ev.peer and not relayed:
             m.avoid[ev.peer] = m.avoid.get(ev.peer, 0) + 1
             m.last_failed_peer[g] = ev.peer
-            if ev.fail == FAIL_HASH and ev.peer in self.hosts:
-                self.hosts[ev.peer].bad_serves += 1
+        if ev.peer and ev.fail == FAIL_HASH and ev.peer in self.hosts:
+            self.hosts[ev.peer].bad_serves += 1
         if n >= self.t.max_attempts:
             return [Commit(MachineFailed(
                 job=job.id, host=m.name,
@@ -799,6 +821,7 @@ class Scheduler:
         self.wakeups.clear()
         for job in self.jobs.values():
             job.inflight_count = [0] * job.nchunks
+            job.streaming = [{} for _ in range(job.nchunks)]
             job.hungry.clear()
             for m in job.machines.values():
                 m.inflight.clear()
@@ -919,13 +942,48 @@ class Scheduler:
         return (t.downloads < max(1, t.max_downloads)
                 and t.down_load <= self.t.download_budget - FULL_ENOUGH)
 
-    def _release(self, job: Job, m: Machine, g: int) -> None:
-        """Forget the in-flight fetch of chunk g to machine m, freeing its slots."""
+    def _release(self, job: Job, m: Machine, g: int, ok: bool = False) -> None:
+        """Forget the in-flight fetch of chunk g to machine m, freeing its slots.
+
+        Unless the chunk arrived (``ok``), whoever was relayed the chunk
+        through m will not get it either: they stop counting as relays, so
+        nobody new joins a chain that is about to break (and m, sent to fetch
+        the chunk again, cannot be pointed at a host whose bytes come from m).
+        """
         entry = m.inflight.pop(g, None)
         if entry is None:
             return
         job.inflight_count[g] -= 1
+        if job.streaming and job.streaming[g].pop(m.name, None) is not None and not ok:
+            self._orphan_relays(job, g, m.name)
         self._free_slots(m, g, entry[0])
+
+    def _orphan_relays(self, job: Job, g: int, name: str) -> None:
+        """Drop from ``streaming[g]`` every target whose copy of g flows through ``name``."""
+        streaming, machines = job.streaming[g], job.machines
+        below = [name]
+        while below and streaming:
+            up = below.pop()
+            for n in [n for n in streaming if (e := machines[n].inflight.get(g)) and e[0] == up]:
+                del streaming[n]
+                below.append(n)
+
+    def _relays(self, job: Job, g: int, name: str) -> bool:
+        """Whether ``name``, receiving chunk g now, may pass it on as it arrives."""
+        d = job.streaming[g].get(name) if job.streaming else None
+        if d is None or d >= self.t.stream_depth:
+            return False
+        h = self.hosts.get(name)
+        return h is not None and h.streams and h.alive
+
+    def _relayable(self, job: Job, mq: Machine) -> set[int]:
+        """The chunks ``mq`` is receiving that it may pass on while they arrive."""
+        if self.t.stream_depth <= 0 or not mq.inflight:
+            return set()
+        h = self.hosts.get(mq.name)
+        if h is None or not h.streams:
+            return set()
+        return {g for g in mq.inflight if self._relays(job, g, mq.name)}
 
     def _free_slots(self, m: Machine, g: int, peer: str, draining: bool = False) -> None:
         """Give back the upload and download slot the fetch of chunk g holds.
@@ -1107,6 +1165,8 @@ class Scheduler:
                     usable |= job.resend
                 elif q != m.name and mq is not None:
                     usable |= mq.have
+                    if mq.inflight:
+                        usable |= self._relayable(job, mq)
             candidates = usable
         need = [g for g in candidates
                 if g not in have and g not in inflight and retry.get(g, 0.0) <= now]
@@ -1148,8 +1208,11 @@ class Scheduler:
                     self._serve_source(job, h, now, batch)
             else:
                 mp = job.machines.get(h.name)
-                if mp is not None and mp.have:
-                    self._serve_peer(job, h, mp.have, now, batch)
+                if mp is not None and (mp.have or mp.inflight):
+                    relay = self._relayable(job, mp)
+                    if mp.have or relay:
+                        self._serve_peer(job, h, mp.have | relay if relay else mp.have, now,
+                                         batch)
         return self._emit(batch)
 
     def _waiting(self, job: Job, h: HostState, sample: int) -> list[tuple[Machine, HostState]]:
@@ -1301,6 +1364,9 @@ class Scheduler:
         peer.uploads += 1
         peer.up_load += up
         m.inflight[g] = (peer.name, now, peer.up_clock, t.down_clock)
+        if self.t.stream_depth > 0:
+            above = job.streaming[g].get(peer.name, 0)  # 0: the peer holds it (or is the source)
+            job.streaming[g][m.name] = above + 1
         self._upd_free(peer)
         if peer.name == job.source:
             job.source_sends[g] += 1
@@ -1329,6 +1395,10 @@ class Scheduler:
         hosts = self.hosts
         hs = job.holders[g]
         free = self.free_up
+        # Targets receiving the chunk now that may relay it (cut-through): few
+        # (at most the copies in flight), so all of them are looked at.
+        relays = [n for n in job.streaming[g] if n != m.name and n in free
+                  and self._relays(job, g, n)] if self.t.stream_depth > 0 and job.streaming else []
         # Look only where a free slot can be, at a bounded cost: the free
         # uploaders that hold the chunk when either list is short, else random
         # holders probed for a free slot (with thousands of both, a dozen found
@@ -1352,6 +1422,8 @@ class Scheduler:
                     if len(found) >= placement.SAMPLE // 2:
                         break
             names = list(found)
+        if relays:
+            names += relays
         holders = [hosts[n] for n in names if n in hosts]
         avoid = m.avoid
         exclude = m.last_failed_peer.get(g, "")
@@ -1474,6 +1546,7 @@ class Scheduler:
                 m.finished, m.hook = ms["finished"], ms["hook"]
                 m.history.clear()
             job.holder_list = [list(hs) for hs in job.holders]
+            job.streaming = [{} for _ in job.holders]
             job.hungry.clear()
             if job.state != "running":
                 self.running.pop(jid, None)
