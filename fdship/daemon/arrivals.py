@@ -26,7 +26,7 @@ waits, and O(waiters) when someone does.
 from __future__ import annotations
 
 import asyncio
-from typing import Iterator
+from collections.abc import Iterator
 
 PENDING = "pending"  # the pull was accepted; the fetch waits for a free fetch slot
 RUNNING = "running"  # the bytes are coming from a peer
