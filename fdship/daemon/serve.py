@@ -18,6 +18,16 @@ falls back to the buffered path rather than corrupting the stream.
 
 The buffered path (``os.pread`` slices + ``write``) serves TLS connections,
 where sendfile cannot work, and the fault injection used by tests.
+
+Cut-through: a chunk not held verified but still arriving here (an
+:class:`fdship.daemon.arrivals.Arrival`, registered when the pull was
+accepted) is streamed instead of refused.  The headers go out at once with the
+full Content-Length; then the bytes the fetch has written so far go out (the
+same sendfile or buffered loop), the handler waits for more, and so on.  The
+last byte leaves only once this daemon verified the chunk.  If the arrival
+fails, or nothing arrives for ``stall_timeout`` seconds, the connection is
+closed: the downstream peer sees a short body and its fetch fails; it never
+verifies partial bytes because it hashes the whole chunk.
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from typing import Any
 
 from tornado.iostream import SSLIOStream, StreamClosedError
 
+from fdship.daemon.arrivals import FAILED, Arrival, Arrivals
 from fdship.daemon.ratelimit import RateLimiter
 from fdship.daemon.store import Store, check_job_id
 from fdship.errors import BadRequest, ConfigError, NotFound
@@ -45,6 +56,9 @@ LIMITED_SLICE = 256 * 1024
 BUFFERED_SLICE = 256 * 1024
 YIELD_EVERY = 8 * 1024 * 1024
 WRITE_TIMEOUT = 30.0  # seconds without any progress before a peer is hung up on
+# Seconds a stream of a chunk still arriving waits for its next bytes before it
+# hangs up; the daemon passes its fetch_stall_timeout (the same default).
+STALL_TIMEOUT = 10.0
 
 _rng = random.Random()
 
@@ -61,6 +75,7 @@ class ServeStats:
     zero_copy: int = 0  # chunks sent with sendfile
     buffered: int = 0  # chunks sent through Python (TLS, fault injection)
     faults_injected: int = 0
+    streamed: int = 0  # chunks served complete while they were still arriving here
 
 
 def parse_fault(spec: str) -> tuple[str, float]:
@@ -99,8 +114,12 @@ class DownloadHandler(BaseHandler):
 
     def initialize(self, store: Store, limiter: RateLimiter | None = None,
                    stats: ServeStats | None = None, fault: str = "",
-                   write_timeout: float = WRITE_TIMEOUT) -> None:
+                   write_timeout: float = WRITE_TIMEOUT, arrivals: Arrivals | None = None,
+                   stall_timeout: float = STALL_TIMEOUT) -> None:
         self.store = store
+        # Chunks being fetched here; None serves verified chunks only.
+        self.arrivals = arrivals
+        self.stall_timeout = stall_timeout
         self.limiter = limiter if limiter is not None and limiter.enabled else None
         self.stats = stats if stats is not None else ServeStats()
         self.fault = parse_fault(fault)
@@ -138,6 +157,9 @@ class DownloadHandler(BaseHandler):
         # Our own reference to the open file: if the job is dropped mid-send the
         # store closes its fd, and a recycled fd number must not be read from.
         src = self.store.open_chunk(job, file, chunk)
+        arrival: Arrival | None = None
+        if src is None and self.arrivals is not None:
+            src, arrival = self._arriving(job, file, chunk)
         if src is None:
             self.stats.not_found += 1
             raise NotFound(f"chunk {chunk} of job {job} file {file} is not held verified by "
@@ -147,14 +169,66 @@ class DownloadHandler(BaseHandler):
         try:
             self.set_header("Content-Type", "application/octet-stream")
             self.set_header("Content-Length", str(length))
-            await self._send(fd, offset, length)
+            await self._send(fd, offset, length, arrival)
+            if arrival is not None:
+                self.stats.streamed += 1
         except _Aborted:
             self.stats.aborted += 1
         finally:
             self.stats.uploads_in_flight -= 1
             os.close(fd)
 
-    async def _send(self, fd: int, offset: int, length: int) -> None:
+    def _arriving(self, job: str, file: int,
+                  chunk: int) -> tuple[tuple[int, int, int] | None, Arrival | None]:
+        """((fd, offset, length), arrival) of a chunk still arriving here, or (None, None).
+
+        The fd is our own dup of the staging file, as for a verified chunk.
+        """
+        assert self.arrivals is not None
+        arrival = self.arrivals.get((job, file, chunk))
+        if arrival is None or arrival.state == FAILED:
+            return None, None
+        fd = self.store.open_staging_fd(job, file)
+        if fd is None:  # the job was dropped meanwhile
+            return None, None
+        return (fd, arrival.offset, arrival.length), arrival
+
+    async def _more(self, arrival: Arrival, have: int) -> int:
+        """Wait until ``arrival`` has more than ``have`` bytes to send; return its count.
+
+        Every wait is bounded: no news from the fetch for ``stall_timeout``
+        seconds, a failed fetch, or the peer hanging up closes the connection.
+        """
+        while True:
+            avail = arrival.available()
+            if avail > have:
+                return avail
+            if arrival.state == FAILED:
+                log.info("upload of arriving chunk %s to %s aborted after %d of %d bytes: its "
+                         "fetch ended (%s)", arrival.key, self.request.remote_ip, have,
+                         arrival.length, arrival.reason)
+                raise self._abort()
+            if self._closed:
+                raise self._abort()
+            fut = arrival.changed()
+            self._send_fut = fut
+            try:
+                await asyncio.wait_for(fut, self.stall_timeout)
+            except asyncio.TimeoutError:
+                log.info("upload of arriving chunk %s to %s aborted after %d of %d bytes: no "
+                         "byte arrived for %g s", arrival.key, self.request.remote_ip, have,
+                         arrival.length, self.stall_timeout)
+                raise self._abort() from None
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # we are being cancelled ourselves
+                raise self._abort() from None  # on_connection_close: the peer went away
+            finally:
+                self._send_fut = None
+
+    async def _send(self, fd: int, offset: int, length: int,
+                    arrival: Arrival | None = None) -> None:
         kind, prob = self.fault
         fault = kind if kind and _rng.random() < prob else ""
         conn = self.request.connection
@@ -162,12 +236,13 @@ class DownloadHandler(BaseHandler):
         if fault:
             self.stats.faults_injected += 1
         if fault == "corrupt":
-            await self._send_buffered(fd, offset, length, corrupt_at=_rng.randrange(length))
+            await self._send_buffered(fd, offset, length, corrupt_at=_rng.randrange(length),
+                                      arrival=arrival)
         elif isinstance(stream, SSLIOStream) or stream is None or \
                 not hasattr(conn, "_expected_content_remaining"):
-            await self._send_buffered(fd, offset, length)
+            await self._send_buffered(fd, offset, length, arrival=arrival)
         else:
-            await self._send_zero_copy(fd, offset, length, drop=fault == "drop")
+            await self._send_zero_copy(fd, offset, length, drop=fault == "drop", arrival=arrival)
 
     def _abort(self) -> _Aborted:
         stream = getattr(self.request.connection, "stream", None)
@@ -175,7 +250,8 @@ class DownloadHandler(BaseHandler):
             stream.close()
         return _Aborted()
 
-    async def _send_zero_copy(self, fd: int, offset: int, length: int, drop: bool) -> None:
+    async def _send_zero_copy(self, fd: int, offset: int, length: int, drop: bool,
+                              arrival: Arrival | None = None) -> None:
         conn: Any = self.request.connection
         stream = conn.stream
         sock: socket.socket = stream.socket
@@ -193,10 +269,36 @@ class DownloadHandler(BaseHandler):
                 await asyncio.wait_for(headers, self.write_timeout)
         except (StreamClosedError, asyncio.TimeoutError):
             raise self._abort() from None
-        step = LIMITED_SLICE if self.limiter else length
         # A dropped connection mid-chunk: send half, then hang up.
         end = length // 2 if drop else length
-        sent = 0
+        if arrival is None:
+            sent = await self._pump(stream, fd, offset, 0, end, length)
+        else:
+            sent, corked = 0, True
+            while sent < end:
+                avail = arrival.available()
+                if avail <= sent:
+                    if corked:
+                        # Out with the headers and any partial segment now, not
+                        # when the cork's 200 ms run out: the peer is waiting.
+                        _cork(sock, False)
+                        corked = False
+                    avail = await self._more(arrival, sent)
+                sent = await self._pump(stream, fd, offset, sent, min(avail, end), length)
+        _cork(sock, False)  # push out the last partial segment now
+        if drop:
+            raise self._abort()
+        # Tell Tornado the body went out so its Content-Length check passes and
+        # the connection stays open for the next request.
+        conn._expected_content_remaining -= sent
+        self.stats.chunks_served += 1
+        self.stats.zero_copy += 1
+        self.finish()
+
+    async def _pump(self, stream: Any, fd: int, offset: int, sent: int, end: int,
+                    length: int) -> int:
+        """sendfile bytes ``sent``..``end`` of the chunk at ``offset``; return ``end``."""
+        step = LIMITED_SLICE if self.limiter else end - sent
         while sent < end:
             n = min(step, end - sent)
             if self.limiter:
@@ -221,15 +323,7 @@ class DownloadHandler(BaseHandler):
                 # The file is shorter than the store claims (truncated under us):
                 # hanging up is the only honest answer once headers are out.
                 raise self._abort()
-        _cork(sock, False)  # push out the last partial segment now
-        if drop:
-            raise self._abort()
-        # Tell Tornado the body went out so its Content-Length check passes and
-        # the connection stays open for the next request.
-        conn._expected_content_remaining -= sent
-        self.stats.chunks_served += 1
-        self.stats.zero_copy += 1
-        self.finish()
+        return sent
 
     async def _sendfile(self, sock: socket.socket, fd: int, offset: int, count: int) -> int:
         """sendfile(2) ``count`` bytes of ``fd`` at ``offset`` to ``sock``; return bytes sent.
@@ -270,10 +364,21 @@ class DownloadHandler(BaseHandler):
         return sent
 
     async def _send_buffered(self, fd: int, offset: int, length: int,
-                             corrupt_at: int = -1) -> None:
+                             corrupt_at: int = -1, arrival: Arrival | None = None) -> None:
+        if arrival is not None:
+            # The headers at once, whenever the first bytes arrive.
+            try:
+                await asyncio.wait_for(self.flush(), self.write_timeout)
+            except (StreamClosedError, asyncio.TimeoutError):
+                raise self._abort() from None
         sent = 0
         while sent < length:
-            n = min(BUFFERED_SLICE, length - sent)
+            limit = length
+            if arrival is not None:
+                limit = arrival.available()
+                if limit <= sent:
+                    limit = await self._more(arrival, sent)
+            n = min(BUFFERED_SLICE, limit - sent)
             data = os.pread(fd, n, offset + sent)
             if not data:
                 raise self._abort()

@@ -1177,6 +1177,19 @@ class Store:
                 return None
             return os.dup(src[0]), src[1], src[2]
 
+    def open_staging_fd(self, job: str, file: int) -> int | None:
+        """A fresh ``dup`` of the staging file's fd (the caller closes it), or None.
+
+        For serving a chunk still arriving (:mod:`fdship.daemon.arrivals`): the
+        caller reads only the bytes the fetch reported written.  Taken under
+        the lock for the same reason as :meth:`open_chunk`.
+        """
+        with self._lock:
+            st = self._stagings.get((job, file))
+            if st is None or st.write_fd < 0:
+                return None
+            return os.dup(st.write_fd)
+
     def inventory(self) -> list[Holding]:
         """What this daemon holds verified, per job file."""
         with self._lock:
