@@ -6,7 +6,8 @@ It plays every role of the seed's protocol on its machine:
   every chunk in the same pass), submits the job to the center, and waits for
   the result (or returns at once when a callback is given);
 * peer: ``GET /daemon/download`` serves held chunks with sendfile
-  (:mod:`fdship.daemon.serve`);
+  (:mod:`fdship.daemon.serve`), and chunks still arriving here as their bytes
+  land (cut-through, :mod:`fdship.daemon.arrivals`);
 * target: ``POST /daemon/pull`` starts fetches from the named peers
   (:mod:`fdship.daemon.fetch`), each verified and then acked to the center in
   batches.  A fetch whose last bytes are due within ``fetch_lead`` seconds
@@ -25,6 +26,7 @@ restarted at any moment.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
@@ -44,6 +46,7 @@ from fdship import __version__
 from fdship import protocol as P
 from fdship.center.client import CenterClient
 from fdship.config import DaemonConfig, parse_hostport, read_token
+from fdship.daemon.arrivals import Arrival, Arrivals
 from fdship.daemon.delta import DeltaFetcher, DeltaHandler
 from fdship.daemon.fetch import FetchError, PeerPool
 from fdship.daemon.hooks import HookRunner
@@ -164,6 +167,8 @@ class Daemon:
         self.last_beat_ok = 0.0
         self.active: dict[tuple[str, int, int], asyncio.Task[Any]] = {}
         self.active_peer: dict[tuple[str, int, int], str] = {}  # whom each fetch asks
+        # Each active fetch's progress, for serving the chunk on while it arrives.
+        self.arrivals = Arrivals()
         self.fetch_slots = asyncio.Semaphore(max(1, cfg.max_downloads))
         self.acks: deque[P.Ack] = deque()
         self.ack_event = asyncio.Event()
@@ -246,7 +251,7 @@ class Daemon:
                            labels=tuple(self.cfg.label), load=load, free=self._free(),
                            allow_dest=tuple(self.allow_dest_view), hooks=self.hooks.names(),
                            max_uploads=self.cfg.max_uploads, max_downloads=self.cfg.max_downloads,
-                           version=__version__,
+                           version=__version__, streams=True,
                            inventory=tuple(self.store.inventory()) if self.want_inventory else None)
 
     async def _heartbeats(self) -> None:
@@ -465,10 +470,19 @@ class Daemon:
                 # would hold this chunk until the fetch timeout).  Cancelling closes
                 # that connection, so no stale byte reaches the file.
                 running.cancel()
-            self.active[key] = asyncio.ensure_future(self._fetch(req.job, f, st))
+            # Registered before the fetch waits for a slot: from now on a GET for
+            # this chunk waits for its bytes rather than being refused.  Opening
+            # it fails the replaced fetch's arrival, if any.
+            arrival = self.arrivals.open(key, f.offset, f.size)
+            task = self.active[key] = asyncio.ensure_future(self._fetch(req.job, f, st, arrival))
+            # A task cancelled before its first step never runs its finally.
+            task.add_done_callback(functools.partial(self._arrival_over, arrival))
             self.active_peer[key] = f.peer_name
             started += 1
         return started
+
+    def _arrival_over(self, arrival: Arrival, _task: asyncio.Task[Any]) -> None:
+        self.arrivals.close(arrival, "the fetch was cancelled before it started")
 
     def _job_chunk_size(self, req: P.PullRequest) -> int:
         # Chunk size = the span of chunk 0 when the file has more than one chunk;
@@ -480,7 +494,7 @@ class Daemon:
             return max(f.size, 1) if f.chunk == 0 else f.offset // f.chunk
         return self.chunk_size or P.DEFAULT_CHUNK_SIZE
 
-    async def _fetch(self, job: str, f: P.Fetch, st: Any) -> None:
+    async def _fetch(self, job: str, f: P.Fetch, st: Any, arrival: Arrival) -> None:
         key = (job, f.file, f.chunk)
         t0 = time.monotonic()
         held = False
@@ -506,31 +520,37 @@ class Daemon:
                     on_drain = self._drain_notice(job, f, release) if self.cfg.fetch_lead > 0 \
                         else None
                     t_wire = time.monotonic()
+                    arrival.start()
                     n = await self.pool.fetch(f.peer, job, f.file, f.chunk, f.size, f.xxh3,
                                               st.write_fd, f.offset, self.cfg.fetch_timeout,
-                                              on_drain=on_drain)
+                                              on_drain=on_drain, on_progress=arrival.progress)
                     wire = time.monotonic() - t_wire
                     n += got.nbytes if got is not None else 0
             finally:
                 release()
             st.mark_chunk(f.chunk, f.xxh3)
+            arrival.succeed()  # streams of it send their last bytes now
             self.queue_ack(P.Ack(job=job, file=f.file, chunk=f.chunk, peer=f.peer_name, ok=True,
                                  nbytes=n, local=local,
                                  seconds=round(time.monotonic() - t0, 4),
                                  wire_seconds=round(wire, 6)))
         except FetchError as e:
+            arrival.fail(f"{e.kind}: {e}")
             log.info("job=%s chunk %d/%d from %s failed (%s): %s", job, f.file, f.chunk,
                      f.peer_name, e.kind, e)
             self.queue_ack(P.Ack(job=job, file=f.file, chunk=f.chunk, peer=f.peer_name, ok=False,
                                  kind=e.kind, error=str(e),
                                  seconds=round(time.monotonic() - t0, 4)))
         except asyncio.CancelledError:
+            arrival.fail("cancelled")
             raise
         except Exception as e:
+            arrival.fail(f"internal error: {e}")
             log.exception("job=%s chunk %d/%d: unexpected error", job, f.file, f.chunk)
             self.queue_ack(P.Ack(job=job, file=f.file, chunk=f.chunk, peer=f.peer_name, ok=False,
                                  kind=P.FAIL_LOCAL, error=f"internal error: {e}"))
         finally:
+            self.arrivals.close(arrival)  # never a replacement's (see Arrivals.close)
             if self.active.get(key) is asyncio.current_task():  # not a replacement's
                 del self.active[key]
                 self.active_peer.pop(key, None)
@@ -797,6 +817,9 @@ class StatusHandler(DaemonHandler):
                         # How chunks went out: sendfile, or buffered (TLS, faults).
                         "chunks_zero_copy": d.serve_stats.zero_copy,
                         "chunks_buffered": d.serve_stats.buffered,
+                        # Chunks served while they were still arriving (cut-through).
+                        "chunks_streamed": d.serve_stats.streamed,
+                        "arriving": len(d.arrivals),
                         "bytes_received": d.pool.stats.bytes_received,
                         "fetch_failures": dict(d.pool.stats.failures),
                         "drain_notices": dict(d.drain_counts),
@@ -810,7 +833,10 @@ def make_app(d: Daemon) -> tornado.web.Application:
         (P.DAEMON_PACK, PackHandler),
         (P.DAEMON_DOWNLOAD, DownloadHandler,
          {"store": d.store, "limiter": d.up_limiter, "stats": d.serve_stats,
-          "fault": d.cfg.fault_inject, "write_timeout": d.cfg.write_timeout}),
+          "fault": d.cfg.fault_inject, "write_timeout": d.cfg.write_timeout,
+          # Chunks still arriving are streamed; a stream waits for its next
+          # bytes as long as our own fetch of them would before giving up.
+          "arrivals": d.arrivals, "stall_timeout": d.cfg.fetch_stall_timeout}),
         (P.DAEMON_DELTA, DeltaHandler,
          {"store": d.store, "limiter": d.up_limiter, "stats": d.serve_stats}),
         (P.DAEMON_STATUS, StatusHandler),
