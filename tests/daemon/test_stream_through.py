@@ -496,3 +496,30 @@ def test_a_slow_but_steady_arrival_is_not_a_stall(store_factory: StoreFactory,
             assert stats.streamed == 1 and stats.aborted == 0 and stats.zero_copy == 1
 
     run(main())
+
+
+def test_a_downstream_that_hangs_up_frees_the_waiting_stream_at_once(
+        store_factory: StoreFactory, tmp_path: Path) -> None:
+    """The peer goes away while its GET waits for bytes: the handler ends now,
+    not when the (long) stall timeout runs out."""
+    cs = MiB
+    mid = store_factory("mid")
+
+    async def main() -> None:
+        arrivals = Arrivals()
+        mid.open_staging(JOB, 0, "/out.bin", cs, "0" * 16, cs)
+        arrivals.open((JOB, 0, 0), 0, cs)
+        async with serving(mid, arrivals=arrivals, stall_timeout=30.0) as (p, stats):
+            host, port = p.split(":")
+            rd, wr = await asyncio.open_connection(host, int(port))
+            wr.write(f"GET {P.DAEMON_DOWNLOAD}?job={JOB}&file=0&chunk=0 HTTP/1.1\r\n"
+                     "Host: x\r\n\r\n".encode())
+            head = await asyncio.wait_for(rd.readuntil(b"\r\n\r\n"), 5.0)
+            # The headers come at once, with the whole chunk's length.
+            assert head.startswith(b"HTTP/1.1 200") and f"Content-Length: {cs}".encode() in head
+            assert stats.uploads_in_flight == 1
+            wr.close()
+            await until(lambda: stats.uploads_in_flight == 0, "the handler to end", limit=5.0)
+            assert stats.aborted == 1 and stats.bytes_served == 0
+
+    run(main())
