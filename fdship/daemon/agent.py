@@ -103,6 +103,8 @@ class DaemonMetrics:
                                   value=f.failures.get(P.FAIL_HASH, 0))
         yield GaugeMetricFamily("fdship_uploads_in_flight", "Chunks being served",
                                 value=s.uploads_in_flight)
+        yield CounterMetricFamily("fdship_chunks_streamed", "Chunks served on while they were "
+                                  "still arriving here (cut-through)", value=s.streamed)
         yield GaugeMetricFamily("fdship_downloads_in_flight", "Chunks being fetched",
                                 value=f.in_flight)
         w = CounterMetricFamily("fdship_rate_limit_waits", "Times a transfer waited for the "

@@ -229,6 +229,8 @@ def test_a_chunk_is_served_on_while_it_arrives(store_factory: StoreFactory,
             assert d.serve_stats.bytes_served == cs and d.serve_stats.aborted == 0
             st = await status(p)
             assert st["chunks_streamed"] == 1 and st["arriving"] == 0
+            r = await tornado.httpclient.AsyncHTTPClient().fetch(f"http://{p}{P.METRICS}")
+            assert b"fdship_chunks_streamed_total 1.0" in r.body
             # Now held verified: served as ever, and not counted as streamed.
             again = Downstream(tmp_path, "b", cs)
             try:
