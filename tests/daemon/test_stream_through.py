@@ -35,6 +35,7 @@ from fdship import protocol as P
 from fdship.config import DaemonConfig, load
 from fdship.daemon.agent import Daemon, make_app
 from fdship.daemon.arrivals import FAILED, OK, PENDING, RUNNING, Arrival, Arrivals
+from fdship.daemon.delta import DeltaFetcher
 from fdship.daemon.fetch import FetchError, PeerPool
 from fdship.daemon.ratelimit import RateLimiter
 from fdship.daemon.store import Snapshot, Store
@@ -523,5 +524,44 @@ def test_a_downstream_that_hangs_up_frees_the_waiting_stream_at_once(
             wr.close()
             await until(lambda: stats.uploads_in_flight == 0, "the handler to end", limit=5.0)
             assert stats.aborted == 1 and stats.bytes_served == 0
+
+    run(main())
+
+
+def test_a_delta_request_for_a_chunk_still_arriving_waits_for_it(
+        store_factory: StoreFactory, tmp_path: Path) -> None:
+    """A downstream holding an old copy asks P for block sums of a chunk P is
+    still fetching: the answer waits until P verified it, and the downstream
+    rebuilds the chunk from its old copy instead of fetching it whole."""
+    cs = 2 * MiB
+    up = store_factory("up")
+    snap, data = source(up, tmp_path, cs, cs)
+    old = bytearray(data)
+    for off in range(0, cs, 512 * 1024):
+        old[off + 100] ^= 0xFF  # four small edits
+    old_path = tmp_path / "old.bin"
+    old_path.write_bytes(bytes(old))
+
+    async def main() -> None:
+        async with serving(up, limiter=RateLimiter(8 * MiB, burst=256 * 1024)) as (upstream, _), \
+                daemon_p(tmp_path) as (d, p):
+            assert await d.pull(pull_request(snap, upstream, [0])) == 1
+            arrival = d.arrivals.get((JOB, 0, 0))
+            assert arrival is not None
+            await until(lambda: arrival.written > 0, "P's first bytes")
+            delta = DeltaFetcher()
+            out = os.open(tmp_path / "rebuilt.bin", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                got = await delta.fetch(JOB, P.Fetch(file=0, chunk=0, offset=0, size=cs,
+                                                     xxh3=snap.chunks[0], peer=p,
+                                                     peer_name="p"),
+                                        str(old_path), out, 20.0)
+                assert arrival.state == OK  # answered only once P had the chunk
+                assert got is not None and got.ok and not got.local, got
+                assert 0 < got.nbytes < cs // 10, got
+                assert os.pread(out, cs + 1, 0) == data
+            finally:
+                os.close(out)
+            assert delta.stats.chunks_patched == 1
 
     run(main())
