@@ -143,7 +143,7 @@ def waterfill(capacity: float, demands: list[float]) -> list[float]:
 
 
 # Event kinds in the simulator's heap.
-_CENTER, _PULL, _BEGIN, _DONE, _TICK, _BEAT, _DRAIN, _RELAYED = range(8)
+_CENTER, _PULL, _BEGIN, _DONE, _TICK, _BEAT, _DRAIN, _RELAYED, _CAUGHT_UP = range(9)
 
 # How long after a relay's last byte the last byte it passes on arrives.
 RELAY_DELAY = 0.001
@@ -407,10 +407,54 @@ class SimCluster:
                 self._push(now + RELAY_DELAY, _RELAYED, below)
             else:
                 self._finish(below, ok=False, error=f"simulated: relay {tr.target} lost the chunk")
+        # Transfers still relaying the chunk from tr's target: no longer held
+        # back (it holds the chunk now), or cut off (it never will).
+        for d in [d for d in t.up_flows if d.relayed and (d.job, d.file, d.chunk) == key]:
+            if ok:
+                self._reflow(t, self.hosts[d.target])
+            else:
+                self._unlink(d)
+                self._finish(d, ok=False, error=f"simulated: relay {tr.target} lost the chunk")
 
     # -- bandwidth sharing ----------------------------------------------------------
 
-    def _reflow(self, p: SimHost, t: SimHost) -> None:
+    def _upstream(self, x: Transfer) -> Transfer | None:
+        """The relay's own incoming transfer of the chunk x relays."""
+        key = (x.job, x.file, x.chunk)
+        for u in self.hosts[x.peer].down_flows:
+            if (u.job, u.file, u.chunk) == key:
+                return u
+        return None
+
+    def _done_bytes(self, x: Transfer) -> float:
+        return x.size - (x.remaining - x.rate * (self.clock.now - x.stamp))
+
+    def _feed(self, x: Transfer) -> float | None:
+        """How fast a relay can pass on the chunk it still receives (None: no limit).
+
+        A relayed transfer cannot outrun the relay's own: behind it, it runs
+        at whatever the links give it; once it has caught up (a _CAUGHT_UP
+        event), at the rate the bytes reach the relay; and not at all while
+        the relay's fetch has not started.
+        """
+        if not x.relayed or (x.job, x.file, x.chunk) in self.hosts[x.peer].held:
+            return None
+        u = self._upstream(x)
+        if u is None:
+            return 0.0
+        if self._done_bytes(x) < self._done_bytes(u) - 1.0:
+            return None
+        return u.rate
+
+    def _reflow_below(self, x: Transfer, depth: int) -> None:
+        """Transfer x changed rate: re-settle the transfers relaying its chunk onward."""
+        relay = self.hosts[x.target]
+        key = (x.job, x.file, x.chunk)
+        for d in [d for d in relay.up_flows if d.relayed and (d.job, d.file, d.chunk) == key]:
+            if d in relay.up_flows:
+                self._reflow(relay, self.hosts[d.target], depth + 1)
+
+    def _reflow(self, p: SimHost, t: SimHost, depth: int = 0) -> None:
         """Recompute the rates of the transfers on p's uplink and on t's downlink.
 
         Local max-min fairness: a transfer on p's uplink can take at most what
@@ -432,12 +476,16 @@ class SimCluster:
                 far = hosts[x.target]
                 cap_dn[x.id] = max(0.0, far.down - sum(y.rate for y in far.down_flows
                                                         if y is not x))
+            if x.relayed and (fed := self._feed(x)) is not None:
+                cap_dn[x.id] = min(cap_dn[x.id], fed)
         for x in downs:
             if x.peer == p.name:
                 cap_up[x.id] = p.up / len(ups)
             else:
                 far = hosts[x.peer]
                 cap_up[x.id] = max(0.0, far.up - sum(y.rate for y in far.up_flows if y is not x))
+            if x.relayed and (fed := self._feed(x)) is not None:
+                cap_up[x.id] = min(cap_up[x.id], fed)
         for _ in range(2):
             if ups:
                 for x, a in zip(ups, waterfill(p.up, [cap_dn[x.id] for x in ups])):
@@ -446,6 +494,7 @@ class SimCluster:
                 for x, a in zip(downs, waterfill(t.down, [cap_up[x.id] for x in downs])):
                     cap_dn[x.id] = a
         now = self.clock.now
+        changed: list[Transfer] = []
         for x in ups + downs:
             r = min(cap_up[x.id], cap_dn[x.id])
             if abs(r - x.rate) <= 1e-9 * (r + 1.0) and x.version > 0:
@@ -454,11 +503,20 @@ class SimCluster:
             x.stamp = now
             x.rate = r
             x.version += 1
+            changed.append(x)
+            if x.relayed and r > 0 and (u := self._upstream(x)) is not None and r > u.rate:
+                gap = self._done_bytes(u) - self._done_bytes(x)
+                if gap > 1.0:  # behind its relay, and gaining on it: it catches up then
+                    self._push(now + gap / (r - u.rate), _CAUGHT_UP, (x, x.version))
             if r > 0:
                 end = now + max(0.0, x.remaining) / r
                 self._push(end, _DONE, (x, x.version))
                 if self.drain_lead > 0 and not x.drained:
                     self._push(max(now, end - self.drain_lead), _DRAIN, (x, x.version))
+        if self.streams and depth < 70:  # chains are at most stream_depth (<= 64) long
+            for x in changed:
+                if x.version > 0 and self.hosts[x.target].up_flows:
+                    self._reflow_below(x, depth)
 
     # -- running ------------------------------------------------------------------
 
@@ -514,6 +572,10 @@ class SimCluster:
                 self._deliver(payload)
             elif kind == _RELAYED:
                 self._finish(payload, ok=True)
+            elif kind == _CAUGHT_UP:
+                tr, version = payload
+                if tr.version == version and tr in self.hosts[tr.peer].up_flows:
+                    self._reflow(self.hosts[tr.peer], self.hosts[tr.target])
             elif kind == _PULL:
                 self._pull(payload)
             elif kind == _BEGIN:

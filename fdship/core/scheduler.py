@@ -460,10 +460,12 @@ class Scheduler:
             dt = now - entry[1]
             if 0 < ev.seconds < dt:
                 dt = ev.seconds
-            # A relayed chunk (its peer was still receiving it) came at the pace
-            # of the chain above, which says nothing about these two links.
-            if not job.streaming or job.streaming[g].get(m.name, 1) <= 1:
-                self._observe(job, m, g, peer, entry[1], dt, entry[2], entry[3])
+            # A relayed chunk (its peer was still receiving it) came no faster
+            # than the chain above: only a fast one says something of these links.
+            relayed = bool(job.streaming) and job.streaming[g].get(m.name, 1) > 1 or (
+                peer is not None and peer.name != job.source
+                and peer.name not in job.holders[g])
+            self._observe(job, m, g, peer, entry[1], dt, entry[2], entry[3], relayed)
         self._release(job, m, g, ok=True)
         actions: list[Action] = []
         if m.ended or g in m.have:
@@ -864,12 +866,14 @@ class Scheduler:
         h.clock_at = max(h.clock_at, self._now)
 
     def _observe(self, job: Job, m: Machine, g: int, peer: HostState | None, since: float,
-                 dt: float, up_clock0: float, down_clock0: float) -> None:
+                 dt: float, up_clock0: float, down_clock0: float,
+                 relayed: bool = False) -> None:
         """Learn link speeds from a finished fetch (soft state, for ranking only).
 
         ``since``: when it was assigned; ``dt``: how long its bytes took;
         ``up_clock0`` / ``down_clock0``: the peer's and the target's link-share
-        clocks when it was assigned.
+        clocks when it was assigned; ``relayed``: the peer was still receiving
+        the chunk, so a hop further up may have held it back.
         """
         size = job.chunk_size_of(g)
         if dt <= 0 or size < 64 * 1024:  # small chunks measure round trips, not links
@@ -901,7 +905,7 @@ class Scheduler:
         # fast host is never taken for a slow one because its first peer was
         # slow.  An estimate follows the best recent sample, forgotten slowly (5%).
         self.ref_rate = max(0.999 * self.ref_rate, rate)
-        both = up_alone and down_alone
+        both = up_alone and down_alone and not relayed
         down_known = t.down_rate if t is not None else 0.0
         up_known = peer.up_rate if peer is not None else 0.0
         if peer is not None and up_alone and (rate >= 0.8 * self.ref_rate or
@@ -1351,7 +1355,7 @@ class Scheduler:
                 up = ratio
             elif ratio > 1.0 / SLOWER:
                 down = 1.0 / ratio
-        if peer.name == job.source and t.down_rate <= 0:
+        if peer.name == job.source and t.down_rate <= 0 and not (self.t.stream_depth > 0 and t.streams):
             # The source hedges while it cannot tell a fast target from a slow
             # one: its uplink, the swarm's only supply, takes a second transfer.
             up = 0.5
@@ -1364,7 +1368,13 @@ class Scheduler:
         peer.uploads += 1
         peer.up_load += up
         m.inflight[g] = (peer.name, now, peer.up_clock, t.down_clock)
-        if self.t.stream_depth > 0:
+        if self.t.stream_depth > 0 and t.streams and (
+                peer.name == job.source or peer.name in job.holders[g]
+                or peer.name in job.streaming[g]) and not (
+                self._slow(t) or 0 < peer.up_rate < SLOWER * self.ref_rate):
+            # m may relay the chunk on: the chain above it is whole and has no
+            # link known to be slow (a chain runs at its slowest link, and a
+            # fast target must not be tied to a slow one).
             above = job.streaming[g].get(peer.name, 0)  # 0: the peer holds it (or is the source)
             job.streaming[g][m.name] = above + 1
         self._upd_free(peer)
