@@ -133,3 +133,29 @@ def test_simulated_relays_survive_failing_links():
     assert sim.summary()["violations"] == []
     assert sim.relayed > 0
     assert not sim.relay_wait  # nothing left waiting on a relay
+
+
+def test_a_target_on_a_link_known_to_be_slow_relays_nothing():
+    s = streaming_cluster(4)
+    s.ref_rate = 10 * MiB
+    s.hosts["h1"].down_rate = 1 * MiB  # a quarter-speed host, measured
+    s.hosts["h2"].down_rate = s.hosts["h3"].down_rate = 10 * MiB
+    _, acts = submit(s, [fake_file("/a", CS, CS)], ["h1", "h2", "h3"])
+    job = s.jobs["j1"]
+    assert "h1" not in job.streaming[0]  # a chain runs at its slowest link
+    assert all(p != "h1" for _, _, _, p in fetches(acts))
+    # The fast ones relay as usual.
+    assert any(p in ("h2", "h3") for _, _, _, p in fetches(acts))
+
+
+def test_the_source_hedges_only_on_targets_that_cannot_relay():
+    # Link speeds unknown: the source takes two first copies at once for
+    # targets that cannot pass a chunk on while it arrives (one might be slow)...
+    plain = streaming_cluster(3, streams=False)
+    _, acts = submit(plain, [fake_file("/a", 2 * CS, CS)], ["h1", "h2"])
+    assert sorted(p for *_, p in fetches(acts)) == ["h0", "h0"]
+    # ...but one at the full rate for relays: two at half speed would halve
+    # the speed of every chain below them.
+    relays = streaming_cluster(3)
+    _, acts = submit(relays, [fake_file("/a", 2 * CS, CS)], ["h1", "h2"])
+    assert sorted(p for *_, p in fetches(acts)).count("h0") == 1
