@@ -15,8 +15,9 @@ every target at once over ssh (sshd per host, throwaway keys).
 
 ``--chunk-sizes 4M,1M`` runs fdship once per chunk size (the center's
 ``--chunk-size``), each in a cluster of its own; ``--variants`` compares daemon
-settings side by side in the same way (e.g. ``--variants "lead on=,lead
-off=--fetch-lead 0"``).  Each row also gives the issue's target for it: 1.15 x
+and center settings side by side in the same way (e.g. ``--variants "lead on=;lead
+off=--fetch-lead 0"``, or ``"relays=;no relays=@--stream-depth 0"``: what follows
+``@`` goes to the center).  Each row also gives the issue's target for it: 1.15 x
 S/B plus one chunk time per doubling of hosts, i.e. ``1.15 + log2(T) x
 chunk / size`` in units of S/B.
 
@@ -184,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the center's --chunk-size for fdship, one cluster each "
                         "(default %(default)s; e.g. 4M,1M)")
     p.add_argument("--variants", default="",
-                   help="NAME=DAEMON ARGS;... daemon settings to compare, one cluster each "
-                        "(e.g. 'lead on=;lead off=--fetch-lead 0')")
+                   help="NAME=DAEMON ARGS[@CENTER ARGS];... settings to compare, one "
+                        "cluster each (e.g. 'lead on=;lead off=--fetch-lead 0' or "
+                        "'relays=;no relays=@--stream-depth 0')")
     p.add_argument("--json", default="", help="write every run to this file")
     args = p.parse_args(argv)
     reason = netns_unavailable_reason()
@@ -201,17 +203,22 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[str] = []
     every: list[dict[str, Any]] = []
     chunks = [parse_size(c, "--chunk-sizes") for c in args.chunk_sizes.split(",") if c]
-    variants: list[tuple[str, list[str]]] = [("", [])]
+    variants: list[tuple[str, list[str], list[str]]] = [("", [], [])]
     if args.variants:
-        variants = [(name.strip(), shlex.split(rest)) for name, _, rest in
-                    (v.partition("=") for v in args.variants.split(";") if v.strip())]
+        variants = []
+        for v in args.variants.split(";"):
+            if v.strip():
+                name, _, rest = v.partition("=")
+                daemon, _, center = rest.partition("@")
+                variants.append((name.strip(), shlex.split(daemon), shlex.split(center)))
     for targets, size in cases:
         settings = [(c, v) for c in chunks for v in variants]
-        for k, (chunk, (vname, vargs)) in enumerate(settings):
+        for k, (chunk, (vname, vargs, cargs)) in enumerate(settings):
             print(f"== {targets} targets, {size // MiB} MiB, {args.rate:g} Mbit/s, chunks of "
                   f"{chunk // 1024} KiB{', ' + vname if vname else ''}", flush=True)
             with NetnsSwarm(targets + 1, args.rate, prefix="fbn",
-                            center_args=["--chunk-size", str(chunk)], daemon_args=vargs) as sw:
+                            center_args=["--chunk-size", str(chunk), *cargs],
+                            daemon_args=vargs) as sw:
                 src = os.path.join(sw.base, f"payload-{size // MiB}.bin")
                 generate(src, size, seed=targets)
                 runs = []
