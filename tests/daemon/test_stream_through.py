@@ -187,6 +187,33 @@ def test_arrivals_wake_waiters_and_keep_replacements_apart() -> None:
     run(main())
 
 
+def test_a_waiter_asking_for_a_batch_sleeps_through_smaller_reads() -> None:
+    async def main() -> None:
+        a = Arrivals().open((JOB, 0, 0), 0, 1000)
+        a.start()
+        batch, small = a.changed(300), a.changed(50)
+        a.progress(100)  # one socket read: wakes the small waiter only
+        assert small.done() and not batch.done()
+        a.progress(250)
+        assert not batch.done()
+        a.progress(301)
+        assert batch.done()
+        assert a.changed(301).done()  # already there: no wait at all
+        # Past the held-back last byte only the end wakes a waiter...
+        tail = a.changed(1000)
+        a.progress(1000)
+        assert a.available() == 999 and not tail.done()
+        a.succeed()
+        assert tail.done()
+        # ...and a failure wakes every waiter, whatever it asked for.
+        b = Arrivals().open((JOB, 0, 1), 0, 1000)
+        w = b.changed(900)
+        b.fail("reset")
+        assert w.done()
+
+    run(main())
+
+
 # ---------------------------------------------------------------------- cut-through
 
 
