@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "to finish (the daemon's fetch_lead; default 0.05, 0: never)")
     sim.add_argument("--stream-depth", type=int, default=None,
                      help="hosts a chunk may pass through while still arriving (the center's "
-                          "stream_depth; default 4, 0: only hosts holding a chunk serve it)")
+                          "stream_depth; default 16, 0: only hosts holding a chunk serve it)")
     sim.add_argument("--json", action="store_true")
     sim.set_defaults(fn=cmd_simulate)
     return p

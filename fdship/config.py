@@ -166,7 +166,7 @@ class CenterConfig:
     source_extra: float = _opt(0.1, "share of a file's chunks (0 to 1) the source may send a "
                                "second time in the end game, to targets waiting on the "
                                "rarest chunks", _float)
-    stream_depth: int = _opt(4, "cut-through: how many hosts a chunk may pass through while "
+    stream_depth: int = _opt(16, "cut-through: how many hosts a chunk may pass through while "
                              "it is still arriving at each (daemons relay the bytes as they "
                              "land); 0 means only hosts holding a chunk verified serve it", _int)
     backoff_base: float = _opt(0.2, "wait before retrying a chunk after its first failed "
@@ -226,7 +226,7 @@ def validate_scheduling(cfg: CenterConfig) -> None:
     if not 0 <= cfg.stream_depth <= 64:
         raise ConfigError(f"stream_depth must be between 0 (no cut-through: only hosts holding "
                           f"a chunk serve it) and 64 hosts per chain, got {cfg.stream_depth}; "
-                          "the default is 4")
+                          "the default is 16")
     if not cfg.backoff_base > 0:
         raise ConfigError(f"backoff_base must be more than 0 seconds, got "
                           f"{cfg.backoff_base:g}; give e.g. 200ms (the default)")

@@ -144,7 +144,7 @@ def run_simulation(args: argparse.Namespace) -> int:
                           "their end), e.g. 0.05")
     depth = getattr(args, "stream_depth", None)
     if depth is not None and not 0 <= int(depth) <= 64:
-        raise ConfigError("--stream-depth must be between 0 (no cut-through) and 64, e.g. 4")
+        raise ConfigError("--stream-depth must be between 0 (no cut-through) and 64, e.g. 16")
     r = simulate(hosts, size, bandwidth, chunk, slow, int(args.seed), latency, lead=lead,
                  stream_depth=None if depth is None else int(depth))
     if getattr(args, "json", False):

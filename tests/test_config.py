@@ -122,7 +122,7 @@ def test_every_config_key_is_documented():
 # ---------------------------------------------------------------------- scheduling tunables
 
 SCHEDULING = {"upload_budget": 1.0, "download_budget": 1.0, "source_extra": 0.1,
-              "backoff_base": 0.2, "backoff_cap": 10.0, "stream_depth": 4}
+              "backoff_base": 0.2, "backoff_cap": 10.0, "stream_depth": 16}
 
 
 def test_scheduling_keys_default_to_the_cores_tunables():

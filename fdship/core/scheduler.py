@@ -115,10 +115,12 @@ class Tunables:
     # streams the bytes as they land), so a chunk need not arrive whole at a
     # host before the next one can start on it.  This is how many hosts a chunk
     # may pass through in one such chain (0: only hosts holding a chunk verified
-    # serve it).  A chain runs at its slowest link and a failure anywhere in it
-    # fails every fetch below, so chains are kept short; a few hops are enough
-    # for copies to multiply by more than doubling per chunk time.
-    stream_depth: int = 4
+    # serve it).  A chain runs at its slowest link (so none passes a link known
+    # to be slow) and a failure anywhere in it fails every fetch below, so
+    # chains are bounded.  Measured on 10-20 shaped hosts (docs/benchmarks.md):
+    # 4 hops gave 1.27-1.43 x the lower bound, 16 gave 1.17-1.33, 64 gave
+    # 1.20-1.25; 16 keeps a failure's reach to 15 fetches.
+    stream_depth: int = 16
 
 
 @dataclass
@@ -914,6 +916,14 @@ class Scheduler:
         if t is not None and down_alone and (rate >= 0.8 * self.ref_rate or
                                              (both and up_known >= 1.5 * rate)):
             t.down_rate = max(rate, 0.95 * t.down_rate)
+        elif (peer is not None and up_known <= 0 and down_known <= 0
+              and rate < SLOWER * self.ref_rate):
+            # Slow, and neither end known: one of them is slow.  The peer's
+            # uplink is taken for it, provisionally (its first fast transfer
+            # corrects it): otherwise the same slow peer may serve the same
+            # target for ever, each sample as ambiguous as the last, while
+            # the target's next peer tells its own downlink apart.
+            peer.up_rate = rate
 
     def _slow(self, t: HostState) -> bool:
         """A target whose downlink is well below the fleet's fast ones."""
@@ -936,10 +946,13 @@ class Scheduler:
         before the rest would anyway; near its end a target waits for a fast
         holder instead of taking its last chunks at a crawl.
         """
-        if peer.up_rate <= 0 or t.down_rate <= 0 or peer.up_rate >= 0.5 * t.down_rate:
+        # A target not measured yet counts as fast, like most hosts: a peer
+        # known to be slow is no better a choice for it than for a fast one.
+        down = t.down_rate if t.down_rate > 0 else self.ref_rate
+        if peer.up_rate <= 0 or down <= 0 or peer.up_rate >= 0.5 * down:
             return True
         missing = job.nchunks - len(m.have) - len(m.inflight)
-        return missing * peer.up_rate >= t.down_rate
+        return missing * peer.up_rate >= down
 
     def _down_free(self, t: HostState) -> bool:
         """Whether target ``t`` can take one more download now."""
@@ -1349,8 +1362,11 @@ class Scheduler:
         # counterpart (a quarter-speed link, not a noisy sample) makes a
         # transfer count as less than a full share.
         up = down = 1.0
-        if peer.up_rate > 0 and t.down_rate > 0:
-            ratio = t.down_rate / peer.up_rate
+        # A target not measured yet counts as fast (as in ``_worth``): fed by a
+        # peer known to be slow, it keeps room for faster transfers beside it.
+        t_down = t.down_rate if t.down_rate > 0 else self.ref_rate
+        if peer.up_rate > 0 and t_down > 0:
+            ratio = t_down / peer.up_rate
             if ratio < SLOWER:
                 up = ratio
             elif ratio > 1.0 / SLOWER:
@@ -1438,6 +1454,13 @@ class Scheduler:
         avoid = m.avoid
         exclude = m.last_failed_peer.get(g, "")
         cands = placement.filter_peers(holders, m.name, avoid, exclude, free=free)
+        if relays and len(cands) > 1:
+            # A holder serves at its own link's pace; a relay at its chain's,
+            # which may hide a slow host not measured yet: relays only when no
+            # holder is free (the rarest chunks, which is where they count).
+            held = [h for h in cands if h.name not in job.streaming[g]]
+            if held:
+                cands = held
         t = hosts[m.name]
         cands = [h for h in cands if h.bad_serves < 3]
         worth = [h for h in cands if self._worth(job, m, t, h)]

@@ -159,3 +159,29 @@ def test_the_source_hedges_only_on_targets_that_cannot_relay():
     relays = streaming_cluster(3)
     _, acts = submit(relays, [fake_file("/a", 2 * CS, CS)], ["h1", "h2"])
     assert sorted(p for *_, p in fetches(acts)).count("h0") == 1
+
+
+def test_a_fast_target_is_not_tied_to_slow_peers_nobody_has_measured():
+    """Fresh center, 10% of hosts at a quarter speed, no link measured yet.
+
+    Once, a fast target whose first peers were slow hosts took every chunk
+    from them at a quarter speed (3.8 x S/B): each sample was ambiguous (both
+    ends unknown), and a target not measured yet gave a slow transfer its
+    whole downlink.  Now an ambiguous slow sample marks the peer's uplink
+    (until it shows more), and an unmeasured target counts as fast, so a
+    slow peer only adds to its faster transfers.
+    """
+    for seed in (1, 2):
+        sim = SimCluster(51, 10 * MiB, seed=seed, latency=0.005, jitter=0.5, drain_lead=0.05,
+                         slow_fraction=0.1,
+                         tunables=Tunables(heartbeat_timeout=1e9, chunk_size=CS))
+        targets = [n for n in sim.hosts if n != "h00000"]
+        job = sim.submit([fake_file("/f", 50 * CS, CS)], targets, chunk_size=CS)
+        sim.run(max_time=3000)
+        assert sim.ended == {job: "done"} and sim.summary()["violations"] == []
+        bound = 50 * CS / (10 * MiB)
+        fin = sim.finish_times(job)
+        fast = [v for n, v in fin.items() if n not in sim.slow]
+        slow = [v for n, v in fin.items() if n in sim.slow]
+        assert max(fast) < 1.4 * bound, (seed, max(fast) / bound)
+        assert max(slow) < 1.1 * 4 * bound  # the slow ones at about their own bound
