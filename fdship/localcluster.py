@@ -163,10 +163,13 @@ class LocalCluster:
             time.sleep(0.1)
         raise TimeoutError(f"daemons not alive after {timeout:.0f} s: {last}")
 
-    def submit(self, files: list[str], machines: list[str], via: int = 0, **extra: Any) -> Any:
+    def submit(self, files: list[str], machines: list[str], via: int = 0,
+               timeout: float = 600, **extra: Any) -> Any:
+        """POST /daemon/api on daemon ``via`` and wait (up to ``timeout`` s) for the
+        result; ``extra`` goes into the request body (e.g. ``callback``)."""
         body = {"files": files, "machines": machines, **extra}
         return self.request("POST", self.daemons[via].url + "/daemon/api", body,
-                            timeout=extra.pop("timeout", 600) if "timeout" in extra else 600)
+                            timeout=timeout)
 
     def job(self, job_id: str, wait: float = 0) -> Any:
         q = f"?wait={wait}" if wait else ""
