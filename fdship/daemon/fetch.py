@@ -33,14 +33,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import fcntl
 import json
 import logging
 import os
 import socket
 import ssl as ssl_module
-import sys
-import termios
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -178,16 +175,6 @@ class _Conn(asyncio.BufferedProtocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._sock = sock
 
-    def _waiting(self) -> int:
-        """Bytes in the socket's receive queue not read yet (0 if unknown)."""
-        if self._sock is None:
-            return 0
-        try:
-            buf = fcntl.ioctl(self._sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
-        except OSError:
-            return 0
-        return int.from_bytes(buf, sys.byteorder)
-
     def _set_lowat(self, n: int) -> None:
         """Wake on ``n`` bytes waiting (1: on any); a no-op where unsupported."""
         if n != self._lowat and self._sock is not None:
@@ -261,13 +248,6 @@ class _Conn(asyncio.BufferedProtocol):
             return
         if now - req.last_rx < stall:
             req.stall_handle = self._loop.call_at(req.last_rx + stall, self._check_stall, req)
-            return
-        if self._lowat > 1 and self._waiting() > 0:
-            # Bytes came, fewer than the low-water mark (a slow but steady
-            # peer): take them now, and the mark is set again from the rest.
-            self._set_lowat(1)
-            req.last_rx = now
-            req.stall_handle = self._loop.call_at(now + stall, self._check_stall, req)
             return
         where = f"after {req.pos} of {req.size} body bytes" if req.in_body else \
             "before a complete response"
