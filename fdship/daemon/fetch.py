@@ -40,7 +40,6 @@ import socket
 import ssl as ssl_module
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import quote
 
 import xxhash
@@ -55,12 +54,6 @@ from fdship.protocol import (DAEMON_DOWNLOAD, FAIL_CONNECT, FAIL_HASH, FAIL_HTTP
 # One receive buffer per connection.  256 KiB measured as fast as 1 MiB on
 # loopback (the socket rarely holds more per wakeup) at a quarter of the memory.
 BUFFER_SIZE = 256 * 1024
-# While a body streams in, the kernel wakes us only once this much is waiting
-# (SO_RCVLOWAT), or the rest of the body: on a link of tens of MB/s a socket
-# otherwise turns readable every packet or two, and each wake-up costs a trip
-# through the event loop, a hash update and a pwrite.  Small enough that a
-# peer must be very slow (a few KB/s) before a read waits a noticeable time.
-RCV_LOWAT = 32 * 1024
 MAX_HEAD = 64 * 1024  # response line + headers
 MAX_ERROR_BODY = 4096  # enough of an error body to quote its message
 
@@ -159,8 +152,6 @@ class _Conn(asyncio.BufferedProtocol):
         self.req: _Request | None = None
         self._paused = False
         self.idle_since = 0.0  # loop time it went back to the pool
-        self._sock: Any = None  # for SO_RCVLOWAT; None where it cannot be set
-        self._lowat = 1
 
     def alive(self) -> bool:
         return not self.lost and self.transport is not None and not self.transport.is_closing()
@@ -173,16 +164,6 @@ class _Conn(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._sock = sock
-
-    def _set_lowat(self, n: int) -> None:
-        """Wake on ``n`` bytes waiting (1: on any); a no-op where unsupported."""
-        if n != self._lowat and self._sock is not None:
-            try:
-                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
-                self._lowat = n
-            except OSError:
-                self._sock = None
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._buf
@@ -383,10 +364,6 @@ class _Conn(asyncio.BufferedProtocol):
             off += w
         req.pos += n
         self.pool.stats.bytes_received += n
-        # Never ask for more than the body has left (the last bytes would then
-        # never wake us); 1 again once it is all here, for the next headers.
-        rest = req.size - req.pos
-        self._set_lowat(min(RCV_LOWAT, rest) if rest > 0 else 1)
         if req.on_progress is not None:
             self._progress(req)
         if req.on_drain is not None and req.pos < req.size:
