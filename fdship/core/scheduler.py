@@ -916,13 +916,15 @@ class Scheduler:
         if t is not None and down_alone and (rate >= 0.8 * self.ref_rate or
                                              (both and up_known >= 1.5 * rate)):
             t.down_rate = max(rate, 0.95 * t.down_rate)
-        elif (peer is not None and up_known <= 0 and down_known <= 0
-              and rate < SLOWER * self.ref_rate):
-            # Slow, and neither end known: one of them is slow.  The peer's
-            # uplink is taken for it, provisionally (its first fast transfer
-            # corrects it): otherwise the same slow peer may serve the same
-            # target for ever, each sample as ambiguous as the last, while
-            # the target's next peer tells its own downlink apart.
+        elif (peer is not None and up_alone and down_alone and up_known <= 0
+              and down_known <= 0 and rate < SLOWER * self.ref_rate):
+            # Slow with each link to itself, and neither end known: one of
+            # them is slow.  The peer's uplink is taken for it, provisionally
+            # (its first fast transfer corrects it): otherwise the same slow
+            # peer may serve the same target for ever, each sample as
+            # ambiguous as the last, while the target's next peer tells its
+            # own downlink apart.  (A shared link proves nothing: counting
+            # those marked fast peers slow by the dozen at 500 hosts.)
             peer.up_rate = rate
 
     def _slow(self, t: HostState) -> bool:
