@@ -948,13 +948,17 @@ class Scheduler:
         before the rest would anyway; near its end a target waits for a fast
         holder instead of taking its last chunks at a crawl.
         """
-        # A target not measured yet counts as fast, like most hosts: a peer
-        # known to be slow is no better a choice for it than for a fast one.
-        down = t.down_rate if t.down_rate > 0 else self.ref_rate
+        down = self._down_guess(t)
         if peer.up_rate <= 0 or down <= 0 or peer.up_rate >= 0.5 * down:
             return True
         missing = job.nchunks - len(m.have) - len(m.inflight)
         return missing * peer.up_rate >= down
+
+    def _down_guess(self, t: HostState) -> float:
+        """Target ``t``'s downlink as far as known; one not measured yet counts
+        as fast, like most hosts (a peer known to be slow is then no better a
+        choice for it than for a fast one)."""
+        return t.down_rate if t.down_rate > 0 else self.ref_rate
 
     def _down_free(self, t: HostState) -> bool:
         """Whether target ``t`` can take one more download now."""
@@ -1364,9 +1368,9 @@ class Scheduler:
         # counterpart (a quarter-speed link, not a noisy sample) makes a
         # transfer count as less than a full share.
         up = down = 1.0
-        # A target not measured yet counts as fast (as in ``_worth``): fed by a
-        # peer known to be slow, it keeps room for faster transfers beside it.
-        t_down = t.down_rate if t.down_rate > 0 else self.ref_rate
+        # Fed by a peer known to be slow, even a target not measured yet keeps
+        # room for faster transfers beside it.
+        t_down = self._down_guess(t)
         if peer.up_rate > 0 and t_down > 0:
             ratio = t_down / peer.up_rate
             if ratio < SLOWER:
