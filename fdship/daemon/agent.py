@@ -828,37 +828,6 @@ class StatusHandler(DaemonHandler):
                         "delta": d.delta.stats.to_json(), "version": __version__})
 
 
-class ArrivalDeltaHandler(DeltaHandler):
-    """POST /daemon/delta for a chunk that may still be arriving here.
-
-    A center that relays a chunk through a daemon still fetching it (see
-    :mod:`fdship.daemon.arrivals`) also sends the downstream's delta request
-    there.  Block sums exist only for a whole, verified chunk, so the request
-    waits for the arrival to end instead of failing at once, which would make
-    the downstream fetch the whole chunk though it holds most of it already.
-    Each wait is bounded by ``stall_timeout`` without news from the fetch; a
-    failed or stalled arrival answers 404 as a chunk not held does.
-    """
-
-    def initialize(self, store: Store, limiter: RateLimiter | None = None,
-                   stats: ServeStats | None = None, arrivals: Arrivals | None = None,
-                   stall_timeout: float = 10.0) -> None:
-        super().initialize(store, limiter, stats)
-        self.arrivals = arrivals
-        self.stall_timeout = stall_timeout
-
-    async def post(self) -> None:
-        job = self.get_query_argument("job", None) or ""
-        file, chunk = self._int_arg("file"), self._int_arg("chunk")
-        arrival = self.arrivals.get((job, file, chunk)) if self.arrivals is not None else None
-        while arrival is not None and not arrival.done:
-            try:
-                await asyncio.wait_for(arrival.changed(), self.stall_timeout)
-            except TimeoutError:
-                break  # the store lookup below answers 404
-        await super().post()
-
-
 def make_app(d: Daemon) -> tornado.web.Application:
     return tornado.web.Application([
         (P.DAEMON_API, ApiHandler),
@@ -870,7 +839,7 @@ def make_app(d: Daemon) -> tornado.web.Application:
           # Chunks still arriving are streamed; a stream waits for its next
           # bytes as long as our own fetch of them would before giving up.
           "arrivals": d.arrivals, "stall_timeout": d.cfg.fetch_stall_timeout}),
-        (P.DAEMON_DELTA, ArrivalDeltaHandler,
+        (P.DAEMON_DELTA, DeltaHandler,
          {"store": d.store, "limiter": d.up_limiter, "stats": d.serve_stats,
           "arrivals": d.arrivals, "stall_timeout": d.cfg.fetch_stall_timeout}),
         (P.DAEMON_STATUS, StatusHandler),

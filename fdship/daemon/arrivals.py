@@ -125,6 +125,16 @@ class Arrival:
             self._waiters.append((at_least, fut))
         return fut
 
+    async def ended(self, stall_timeout: float) -> bool:
+        """Wait for the fetch to end; False if ``stall_timeout`` seconds pass with
+        no news from it (no start, no progress) before it does."""
+        while not self.done:
+            try:
+                await asyncio.wait_for(self.changed(), stall_timeout)
+            except TimeoutError:
+                return False
+        return True
+
     def _wake(self, avail: int | None = None) -> None:
         """Resolve the waiters (with ``avail``: those asking for no more than it)."""
         if avail is None:

@@ -50,8 +50,9 @@ import xxhash
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
 from fdship import protocol as P
+from fdship.daemon.arrivals import Arrivals
 from fdship.daemon.ratelimit import RateLimiter
-from fdship.daemon.serve import ServeStats
+from fdship.daemon.serve import STALL_TIMEOUT, ServeStats
 from fdship.daemon.store import Store, check_job_id, hash_range
 from fdship.errors import BadRequest, NotFound
 from fdship.httpclient import cluster_ssl_context, peer_url
@@ -374,11 +375,22 @@ class DeltaHandler(BaseHandler):
     blocks that differ, and the S-byte sub-block hashes of each of those.
     ``op=ranges``: the body is (offset, length) pairs (big-endian u32) inside the
     chunk, ascending and disjoint; the answer is their bytes, concatenated.
+
+    A center that relays a chunk through a daemon still fetching it (see
+    :mod:`fdship.daemon.arrivals`) sends the downstream's delta request there
+    too.  Block sums exist only for a whole, verified chunk, so such a request
+    waits for the arrival to end instead of a 404, which would make the
+    downstream fetch the whole chunk though it holds most of it already.  The
+    wait ends after ``stall_timeout`` seconds without news from the fetch; a
+    failed or stalled arrival then answers 404 as a chunk not held does.
     """
 
     def initialize(self, store: Store, limiter: RateLimiter | None = None,
-                   stats: ServeStats | None = None) -> None:
+                   stats: ServeStats | None = None, arrivals: Arrivals | None = None,
+                   stall_timeout: float = STALL_TIMEOUT) -> None:
         self.store = store
+        self.arrivals = arrivals
+        self.stall_timeout = stall_timeout
         self.limiter = limiter if limiter is not None and limiter.enabled else None
         self.stats = stats if stats is not None else ServeStats()
 
@@ -397,6 +409,9 @@ class DeltaHandler(BaseHandler):
         check_job_id(job)
         file, chunk = self._int_arg("file"), self._int_arg("chunk")
         op = self.get_query_argument("op", "")
+        arrival = self.arrivals.get((job, file, chunk)) if self.arrivals is not None else None
+        if arrival is not None:
+            await arrival.ended(self.stall_timeout)  # then the store says whether it is held
         src = self.store.chunk_source(job, file, chunk)
         if src is None:
             raise NotFound(f"chunk {chunk} of job {job} file {file} is not held verified by "
