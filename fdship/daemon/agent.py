@@ -105,6 +105,9 @@ class DaemonMetrics:
                                 value=s.uploads_in_flight)
         yield CounterMetricFamily("fdship_chunks_streamed", "Chunks served on while they were "
                                   "still arriving here (cut-through)", value=s.streamed)
+        yield CounterMetricFamily("fdship_writeback_bytes", "Bytes of verified chunks handed "
+                                  "to the kernel's writeback before the pack-time fsync",
+                                  value=d.store.writeback_bytes)
         yield GaugeMetricFamily("fdship_downloads_in_flight", "Chunks being fetched",
                                 value=f.in_flight)
         w = CounterMetricFamily("fdship_rate_limit_waits", "Times a transfer waited for the "
@@ -823,6 +826,8 @@ class StatusHandler(DaemonHandler):
                         "chunks_streamed": d.serve_stats.streamed,
                         "arriving": len(d.arrivals),
                         "bytes_received": d.pool.stats.bytes_received,
+                        # Written behind: handed to the disk as chunks were verified.
+                        "writeback_bytes": d.store.writeback_bytes,
                         "fetch_failures": dict(d.pool.stats.failures),
                         "drain_notices": dict(d.drain_counts),
                         "delta": d.delta.stats.to_json(), "version": __version__})

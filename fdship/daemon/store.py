@@ -43,10 +43,22 @@ every chunk it claims to hold and forgets those that no longer match, so a
 torn write costs a refetch, never a wrong byte.  The installed file is fsynced
 before the rename and its directory after, because that is the promise made to
 users: no reader ever sees a partial or unverified file at the final path.
+
+Write-behind.  Left alone, a staging file's pages stay dirty until that fsync
+(the kernel's background writeback starts only at ``dirty_background_ratio``
+of RAM), so the fsync at pack time writes the whole file in one burst, at the
+end of the job when every target does the same, and the job waits for it.  So
+each verified chunk's range is handed to the kernel's writeback at once
+(``sync_file_range(SYNC_FILE_RANGE_WRITE)``, as RocksDB's ``bytes_per_sync``
+does), from one worker thread since the call may wait for a busy disk queue.
+The fsync at pack time then finds little left to write, and a bidding host
+never carries a whole file's worth of dirty pages.  Durability is unchanged:
+only the fsync is a promise.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import logging
@@ -58,6 +70,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +95,41 @@ _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 # How a directory on the way to a destination is opened: read-only (enough for
 # openat, renameat and fsync), never a link.
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC
+
+
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of dirty pages, do not wait
+
+
+def _find_sync_file_range() -> Callable[..., int] | None:
+    """libc's sync_file_range, or None where there is none (not Linux)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _find_sync_file_range()
+
+
+def start_writeback(fd: int, offset: int, length: int) -> bool:
+    """Ask the kernel to start writing ``length`` bytes at ``offset`` of ``fd`` to disk.
+
+    Does not wait for the writes and promises nothing about durability.
+    Returns False where the call does not exist or the file system refuses it
+    (then there is nothing to do: the fsync at pack time writes everything);
+    raises OSError for an I/O error, which the fsync would report too.
+    """
+    if _sync_file_range is None:
+        return False
+    if _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ESPIPE, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err))
 
 
 def _mib(n: int) -> str:
@@ -312,6 +360,7 @@ class Staging:
             if self.packed or self._log_fd < 0:
                 return
             self.verified[chunk] = xxh3
+            self._store._write_behind(self, *self.span(chunk))
             try:
                 os.write(self._log_fd, f"{chunk} {xxh3}\n".encode())
             except OSError as e:
@@ -375,6 +424,11 @@ class Store:
         self._pending: dict[str, Snapshot] = {}
         self._sources: dict[tuple[str, int], _Source] = {}
         self._stagings: dict[tuple[str, int], Staging] = {}
+        # Write-behind (see the module docstring): one thread, so the requests
+        # reach the disk in the order the chunks were verified.
+        self._writeback: ThreadPoolExecutor | None = None
+        self.writeback_bytes = 0  # handed to the kernel's writeback so far
+        self._writeback_refused = _sync_file_range is None
 
     # --- life cycle -----------------------------------------------------------------
 
@@ -419,6 +473,9 @@ class Store:
 
     def close(self) -> None:
         """Close every cached fd (the files stay on disk)."""
+        if self._writeback is not None:
+            self._writeback.shutdown(wait=True, cancel_futures=True)
+            self._writeback = None
         with self._lock:
             for src in self._sources.values():
                 _close(src.fd)
@@ -1144,6 +1201,39 @@ class Store:
         if os.fstat(fd).st_size != size:
             return "size-mismatch", chunks
         return whole.hexdigest(), chunks
+
+    def wait_writeback(self, timeout: float = 30.0) -> None:
+        """Block until every writeback queued so far was handed to the kernel."""
+        if self._writeback is not None:
+            self._writeback.submit(lambda: None).result(timeout)
+
+    def _write_behind(self, st: Staging, offset: int, length: int) -> None:
+        """Queue the start of writeback for a verified range of ``st`` (caller holds the lock)."""
+        if self._writeback_refused or st.write_fd < 0 or length <= 0:
+            return
+        # Our own fd: drop_job() or pack may close the staging's meanwhile, and
+        # a recycled fd number must not be the one written back.
+        fd = os.dup(st.write_fd)
+        if self._writeback is None:
+            self._writeback = ThreadPoolExecutor(1, thread_name_prefix="fdship-writeback")
+
+        def run() -> None:
+            try:
+                if start_writeback(fd, offset, length):
+                    self.writeback_bytes += length
+                else:
+                    self._writeback_refused = True  # the fsync at pack time does it all
+            except OSError as e:
+                # The pack-time fsync meets the same error and fails the file
+                # properly; here it is only worth a line in the log.
+                log.warning("cannot start writeback of %s: %s", st.temp_path, e)
+            finally:
+                os.close(fd)
+
+        try:
+            self._writeback.submit(run)
+        except RuntimeError:  # shut down by close(): nothing more to write behind
+            os.close(fd)
 
     # --- serving and bookkeeping ---------------------------------------------------------
 

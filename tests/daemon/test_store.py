@@ -7,6 +7,9 @@ cases, and a second process running as an unprivileged user for permission error
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import time
 import stat
 from pathlib import Path
 from typing import Callable
@@ -14,7 +17,7 @@ from typing import Callable
 import pytest
 import xxhash
 
-from fdship.daemon.store import Store, free_space
+from fdship.daemon.store import Store, free_space, start_writeback
 from fdship.errors import BadRequest, Conflict, IntegrityError, LocalIOError, NotFound
 from fdship.protocol import chunk_count
 from tests.daemon.conftest import CS, chunk_hashes, file_xxh3, write_random
@@ -500,3 +503,79 @@ def test_concurrent_pack_requests_install_once(store_factory: StoreFactory) -> N
         results = list(ex.map(lambda _: s.pack("j", 0), range(4)))
     assert sorted(r.already for r in results) == [False, True, True, True]
     assert Path(results[0].path).read_bytes() == data
+
+
+# --- write-behind -------------------------------------------------------------------------
+
+
+def _fs_type(path: Path) -> str:
+    """The file system type of the mount holding ``path`` (longest matching mount point)."""
+    best, kind = "", ""
+    real = os.path.realpath(path)
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            _, mnt, fstype = line.split()[:3]
+            mnt = mnt.replace("\\040", " ")
+            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+                best, kind = mnt, fstype
+    return kind
+
+
+def _pages_written() -> int:
+    with open("/proc/vmstat") as f:
+        for line in f:
+            if line.startswith("nr_written "):
+                return int(line.split()[1])
+    raise AssertionError("/proc/vmstat has no nr_written")
+
+
+def test_verified_chunks_are_written_behind(tmp_path: Path) -> None:
+    # A disk-backed directory: tmpfs pages are never written anywhere.
+    where = next((d for d in (tmp_path, Path(__file__).parent)
+                  if _fs_type(d) not in ("tmpfs", "ramfs", "")), None)
+    if where is None:
+        pytest.skip("no disk-backed directory to write to (tmp and the checkout are tmpfs)")
+    base = Path(tempfile.mkdtemp(dir=where, prefix=".wb-"))
+    try:
+        s = Store(str(base / "data"), str(base / "root"))
+        s.open()
+        try:
+            size = 64 * CS
+            data = os.urandom(size)
+            before = _pages_written()
+            st = stage_bytes(s, "j", "/srv/wb.bin", data)
+            s.wait_writeback()
+            # Every verified byte was handed to the kernel's writeback, in the
+            # background, long before any fsync...
+            assert s.writeback_bytes == size
+            # ...and the kernel really wrote it (nr_written counts pages whose
+            # writeback completed, machine-wide: other writers only add to it).
+            # Without write-behind these pages would stay dirty for 30 s.
+            for _ in range(100):
+                if _pages_written() - before >= size // 4096:
+                    break
+                time.sleep(0.05)
+            assert _pages_written() - before >= size // 4096
+            s.pack("j", 0)
+            assert Path(st.final_path).read_bytes() == data
+            # Packed: no more write-behind for it, and marking is a no-op.
+            st.mark_chunk(0, "0" * 16)
+            s.wait_writeback()
+            assert s.writeback_bytes == size
+        finally:
+            s.close()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_start_writeback_declines_what_it_cannot_write(tmp_path: Path) -> None:
+    r, w = os.pipe()
+    try:
+        assert start_writeback(r, 0, 4096) is False  # ESPIPE: nothing to write back
+    finally:
+        os.close(r)
+        os.close(w)
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    os.close(fd)
+    with pytest.raises(OSError):
+        start_writeback(fd, 0, 4096)  # a closed fd is an error, not a silent no

@@ -255,10 +255,15 @@ def test_a_chunk_is_served_on_while_it_arrives(store_factory: StoreFactory,
             assert len(d.arrivals) == 0
             assert d.serve_stats.streamed == 1 and d.serve_stats.zero_copy == 1
             assert d.serve_stats.bytes_served == cs and d.serve_stats.aborted == 0
+            await until(lambda: d.store.writeback_bytes == cs, "the chunk to be written behind")
             st = await status(p)
             assert st["chunks_streamed"] == 1 and st["arriving"] == 0
+            assert st["writeback_bytes"] == cs
             r = await tornado.httpclient.AsyncHTTPClient().fetch(f"http://{p}{P.METRICS}")
             assert b"fdship_chunks_streamed_total 1.0" in r.body
+            wb = [ln for ln in r.body.decode().splitlines()
+                  if ln.startswith("fdship_writeback_bytes_total ")]
+            assert len(wb) == 1 and float(wb[0].split()[1]) == cs, wb
             # Now held verified: served as ever, and not counted as streamed.
             again = Downstream(tmp_path, "b", cs)
             try:
