@@ -440,6 +440,13 @@ class Daemon:
         stagings = {}
         chunk_size = self._job_chunk_size(req)
         for sf in req.files:
+            have = self.store.staging(req.job, sf.file)
+            if have is not None and have.describes(sf.dest, sf.size, sf.xxh3, chunk_size):
+                # Every pull after a file's first: the destination was checked and
+                # the temp file opened then (writes go to that fd, never by path
+                # again), so neither the check's lookups nor a thread hop is needed.
+                stagings[sf.file] = have
+                continue
             try:
                 self.check_dest_allowed(self.store.final_path(sf.dest))
                 stagings[sf.file] = await loop.run_in_executor(

@@ -344,6 +344,11 @@ class Staging:
     def complete(self) -> bool:
         return len(self.verified) == self.nchunks
 
+    def describes(self, dest: str, size: int, xxh3: str, chunk_size: int) -> bool:
+        """Whether this staging file is the one a pull with these details asks for."""
+        return (self.dest, self.size, self.xxh3, self.chunk_size) == \
+            (dest, size, xxh3, chunk_size)
+
     def missing(self) -> list[int]:
         return [c for c in range(self.nchunks) if c not in self.verified]
 
@@ -790,8 +795,7 @@ class Store:
             with self._lock:
                 have = self._stagings.get((job, file))
             if have is not None:
-                if (have.dest, have.size, have.xxh3, have.chunk_size) != \
-                        (dest, size, xxh3, chunk_size):
+                if not have.describes(dest, size, xxh3, chunk_size):
                     raise Conflict(f"job {job} file {file} is already staged for {have.dest} "
                                    f"({have.size} bytes, {have.xxh3}); the new request differs")
                 return have
