@@ -288,6 +288,10 @@ class DaemonConfig:
                              "bytes are due within this many seconds, so the next chunk starts "
                              "flowing a round trip earlier; 0 turns the notices off",
                              parse_duration)
+    write_behind: bool = _opt(True, "hand each verified chunk to the disk's writeback at once, "
+                              "so installing a file waits for little more than its last "
+                              "chunk; off: the fsync before the install writes the whole "
+                              "file", _bool)
     token_file: str = _opt("", "file holding the shared token (mode 0600)")
     tls_cert: str = _opt("", "PEM certificate (chain) to serve HTTPS with; needs tls_key. "
                          "Chunk fetches from peers then use TLS too")
@@ -392,9 +396,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         kw: dict[str, Any] = {"dest": f.name, "default": None, "help": f.metadata.get("help", "")}
         if f.metadata.get("multiple"):
             kw["action"] = "append"
-        if f.type in ("bool", bool) or f.metadata.get("parse") is _bool:
+        if (f.type in ("bool", bool) or f.metadata.get("parse") is _bool) and \
+                f.default is not True:
             kw["action"] = "store_const"
             kw["const"] = True
+        elif f.default is True:
+            kw["metavar"] = "on|off"  # on by default: the flag must be able to say off
         parser.add_argument(flag, **kw)
 
 

@@ -202,6 +202,17 @@ def test_center_refuses_a_bad_scheduling_value_with_one_line(tmp_path):
     assert not (tmp_path / "c").exists()  # refused before anything was created
 
 
+def test_write_behind_is_on_unless_turned_off(tmp_path):
+    assert parse(C.DaemonConfig, ["--name", "n"]).write_behind is True
+    assert parse(C.DaemonConfig, ["--name", "n", "--write-behind", "off"]).write_behind is False
+    assert parse(C.DaemonConfig, ["--name", "n", "--write-behind", "on"]).write_behind is True
+    f = tmp_path / "d.toml"
+    f.write_text("write_behind = false\n")
+    assert parse(C.DaemonConfig, ["--config", str(f), "--name", "n"]).write_behind is False
+    with pytest.raises(ConfigError, match="write_behind: expected true or false, got 'sometimes'"):
+        parse(C.DaemonConfig, ["--name", "n", "--write-behind", "sometimes"])
+
+
 def test_allow_hardlinked_sources_is_off_unless_asked(tmp_path):
     assert parse(C.DaemonConfig, ["--name", "n"]).allow_hardlinked_sources is False
     assert parse(C.DaemonConfig, ["--name", "n", "--allow-hardlinked-sources"]) \

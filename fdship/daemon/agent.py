@@ -147,7 +147,8 @@ class Daemon:
         # allow (reached through directory fds, links below them refused), and
         # refuses hard-linked sources while allow_source confines them.
         self.store = Store(cfg.data_dir, cfg.root, allow_dest=cfg.allow_dest,
-                           allow_hardlinked_sources=cfg.allow_hardlinked_sources)
+                           allow_hardlinked_sources=cfg.allow_hardlinked_sources,
+                           write_behind=cfg.write_behind)
         self.up_limiter = RateLimiter(cfg.upload_rate)
         self.down_limiter = RateLimiter(cfg.download_rate)
         # TLS is all or nothing across a cluster: serving HTTPS means peers do too.

@@ -403,7 +403,7 @@ class Store:
     """A daemon's chunk store and staging area.  Call :meth:`open` before anything else."""
 
     def __init__(self, data_dir: str, root: str = "/", allow_dest: Sequence[str] = (),
-                 allow_hardlinked_sources: bool = False) -> None:
+                 allow_hardlinked_sources: bool = False, write_behind: bool = True) -> None:
         if not os.path.isabs(root):
             raise BadRequest(f"root {root!r} must be an absolute path")
         self.data_dir = os.path.abspath(data_dir)
@@ -433,7 +433,7 @@ class Store:
         # reach the disk in the order the chunks were verified.
         self._writeback: ThreadPoolExecutor | None = None
         self.writeback_bytes = 0  # handed to the kernel's writeback so far
-        self._writeback_refused = _sync_file_range is None
+        self._write_behind_off = _sync_file_range is None or not write_behind
 
     # --- life cycle -----------------------------------------------------------------
 
@@ -1213,7 +1213,7 @@ class Store:
 
     def _write_behind(self, st: Staging, offset: int, length: int) -> None:
         """Queue the start of writeback for a verified range of ``st`` (caller holds the lock)."""
-        if self._writeback_refused or st.write_fd < 0 or length <= 0:
+        if self._write_behind_off or st.write_fd < 0 or length <= 0:
             return
         # Our own fd: drop_job() or pack may close the staging's meanwhile, and
         # a recycled fd number must not be the one written back.
@@ -1226,7 +1226,7 @@ class Store:
                 if start_writeback(fd, offset, length):
                     self.writeback_bytes += length
                 else:
-                    self._writeback_refused = True  # the fsync at pack time does it all
+                    self._write_behind_off = True  # the fsync at pack time does it all
             except OSError as e:
                 # The pack-time fsync meets the same error and fails the file
                 # properly; here it is only worth a line in the log.

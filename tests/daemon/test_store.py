@@ -568,6 +568,20 @@ def test_verified_chunks_are_written_behind(tmp_path: Path) -> None:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def test_write_behind_off_leaves_it_to_the_fsync(tmp_path: Path) -> None:
+    s = Store(str(tmp_path / "data"), str(tmp_path / "root"), write_behind=False)
+    s.open()
+    try:
+        data = os.urandom(8 * CS)
+        st = stage_bytes(s, "j", "/srv/wb.bin", data)
+        s.wait_writeback()
+        assert s.writeback_bytes == 0
+        s.pack("j", 0)
+        assert Path(st.final_path).read_bytes() == data
+    finally:
+        s.close()
+
+
 def test_start_writeback_declines_what_it_cannot_write(tmp_path: Path) -> None:
     r, w = os.pipe()
     try:
