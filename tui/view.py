@@ -271,6 +271,16 @@ class HostRow:
     inflight: str  # "↑1 ↓2"
     heartbeat: str  # age of the last heartbeat
     version: str
+    # What the scheduler steers by (docs/protocol.md, GET /center/hosts); '-'
+    # for a dead host, an older center or daemon, or a value that makes no sense.
+    app_cpu: str  # "97%": the watched app (watch_pidfile), percent of one core
+    app_busy_at: str  # "75%": the app CPU that counts as fully busy
+    busyness: str  # "0.35": 0 idle .. 1 busy
+    busy_severity: str  # BUSY from BUSY_AT on, OK below, IDLE when unknown
+    link: str  # "↑9.35M ↓?": learned up/down link, '?' while not measured
+    slow: bool  # the scheduler treats the host as slow
+    link_severity: str  # BUSY when slow, OK when known, IDLE when unknown
+    steering: str  # what busy or slow costs the host, for the detail panel; else ''
 
 
 @dataclass(frozen=True)
@@ -369,6 +379,34 @@ def machine_row(name: str, m: Mapping[str, Any]) -> MachineRow:
     )
 
 
+# From this busyness on the center no longer volunteers a host's free upload
+# slots (fdship.core.placement.volunteers): the level worth a colour.
+BUSY_AT = 0.5
+# What the scheduler does about it (fdship/core/placement.py, the scheduler's
+# slow-target rule), short enough that both fit one line of an 80-column panel.
+_BUSY_MEANS = "busy: fewer uploads, no volunteering"
+_SLOW_MEANS = "slow: common chunks, not first copies"
+
+
+def _busyness(h: Mapping[str, Any]) -> float | None:
+    """The center's busyness of a host (0 idle .. 1 busy), None when absent or nonsense."""
+    b = _num(h, "busyness")
+    return b if b is not None and b >= 0 else None
+
+
+def _link(h: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    link = h.get("link")
+    return link if isinstance(link, Mapping) else None
+
+
+def _link_speed(link: Mapping[str, Any], key: str) -> str:
+    """One direction of a learned link: '9.35M' (bytes/s), '?' while unknown (0)."""
+    rate = _num(link, key)
+    # 0 is the center's "not measured yet"; a negative or garbage rate is no
+    # better known than that.
+    return human_rate(rate, short=True) if rate is not None and rate > 0 else "?"
+
+
 def host_row(h: Mapping[str, Any], history: HostHistory | None, now: float,
              spark_width: int = 12) -> HostRow:
     """A host entry of ``GET /center/hosts`` (or a ``host`` event) -> a row."""
@@ -385,6 +423,21 @@ def host_row(h: Mapping[str, Any], history: HostHistory | None, now: float,
         last = parse_time(h.get("last_heartbeat"))
         age = now - last if last is not None else None
     labels = h.get("labels") or []
+    # Absent from older daemons' heartbeats; 0 means nothing watched or running.
+    app = _num(load, "app_cpu")
+    app_busy = _num(load, "app_cpu_busy")
+    busy = _busyness(h) if alive else None
+    is_busy = busy is not None and busy >= BUSY_AT
+    link = _link(h) if alive else None
+    slow = link is not None and link.get("slow") is True
+    if link is None:
+        link_text, link_severity = "-", IDLE
+    else:
+        link_text = f"↑{_link_speed(link, 'up')} ↓{_link_speed(link, 'down')}"
+        link_severity = OK
+        if slow:
+            link_text += " slow"
+            link_severity = BUSY
     return HostRow(
         name=str(h.get("name", "?")),
         address=str(h.get("address") or ""),
@@ -401,6 +454,14 @@ def host_row(h: Mapping[str, Any], history: HostHistory | None, now: float,
         inflight=f"↑{_int(load, 'uploads')} ↓{_int(load, 'downloads')}" if alive else "-",
         heartbeat=human_duration(age) if age is not None else "-",
         version=str(h.get("version") or ""),
+        app_cpu=f"{app:.0f}%" if app is not None and app > 0 and alive else "-",
+        app_busy_at=f"{app_busy:.0f}%" if app_busy is not None and app_busy > 0 else "-",
+        busyness=f"{busy:.2f}" if busy is not None else "-",
+        busy_severity=IDLE if busy is None else BUSY if is_busy else OK,
+        link=link_text,
+        slow=slow,
+        link_severity=link_severity,
+        steering="; ".join(([_BUSY_MEANS] if is_busy else []) + ([_SLOW_MEANS] if slow else [])),
     )
 
 
@@ -706,9 +767,14 @@ class ClusterView:
         return failures_only(rows) if failures else rows
 
     def totals(self) -> dict[str, int]:
-        """Counts for the title bar: jobs running/failed, hosts alive/dead."""
+        """Counts for the title bar: jobs running/failed, hosts alive/dead/busy/slow."""
         running = sum(1 for j in self.jobs.values() if j.get("state") == "running")
         failed = sum(1 for j in self.jobs.values() if j.get("state") == "failed")
-        alive = sum(1 for h in self.hosts.values() if h.get("alive"))
+        live = [h for h in self.hosts.values() if h.get("alive")]
+        alive = len(live)
+        # Why live hosts get less work: busy (fewer uploads) or a slow link.
+        busy = sum(1 for h in live if (b := _busyness(h)) is not None and b >= BUSY_AT)
+        slow = sum(1 for h in live if (ln := _link(h)) is not None and ln.get("slow") is True)
         return {"jobs": len(self.jobs), "running": running, "failed": failed,
-                "hosts": len(self.hosts), "alive": alive, "dead": len(self.hosts) - alive}
+                "hosts": len(self.hosts), "alive": alive, "dead": len(self.hosts) - alive,
+                "busy": busy, "slow": slow}

@@ -214,6 +214,135 @@ def test_host_row_alive_and_dead() -> None:
     assert v.host_row(h, None, NOW).heartbeat == "12s"
 
 
+def test_host_row_shows_app_cpu_busyness_and_link_of_a_live_host() -> None:
+    """The example row of docs/protocol.md: a busy bidder with a measured link."""
+    h = fixtures.host("web-7", 7, app_cpu=97.0, busyness=1.0,
+                      link=(9_800_000, 9_900_000, False))
+    r = v.host_row(h, None, NOW)
+    assert (r.app_cpu, r.app_busy_at, r.busyness, r.busy_severity) == \
+        ("97%", "75%", "1.00", v.BUSY)
+    # Bytes/s in the binary units of the TX/RX columns: 9.8e6 B/s is 9.35 MiB/s.
+    assert (r.link, r.slow, r.link_severity) == ("↑9.35M ↓9.44M", False, v.OK)
+    assert r.steering == "busy: fewer uploads, no volunteering"
+    # An app beyond one core reads like top: 250 is two and a half cores.
+    assert v.host_row(fixtures.host("b", 1, app_cpu=250.4), None, NOW).app_cpu == "250%"
+
+
+@pytest.mark.parametrize(("busyness", "text", "severity"), [
+    (0.0, "0.00", v.OK),
+    (0.35, "0.35", v.OK),
+    (0.499, "0.50", v.OK),  # shown rounded, but below the line the center draws
+    (0.5, "0.50", v.BUSY),  # from here the center stops volunteering the host
+    (1.0, "1.00", v.BUSY),
+])
+def test_host_row_busy_severity_from_one_half(busyness: float, text: str,
+                                              severity: str) -> None:
+    r = v.host_row(fixtures.host("a", 1, busyness=busyness), None, NOW)
+    assert (r.busyness, r.busy_severity) == (text, severity)
+    assert ("busy:" in r.steering) == (severity == v.BUSY)
+
+
+def test_host_row_link_unknown_directions_and_slow() -> None:
+    def link(up: float, down: float, slow: bool) -> v.HostRow:
+        return v.host_row(fixtures.host("a", 1, link=(up, down, slow)), None, NOW)
+
+    # 0 is 'not measured yet', each direction on its own.
+    assert link(0, 0, False).link == "↑? ↓?"
+    assert link(0, 96 * 1024**2, False).link == "↑? ↓96.0M"
+    assert link(230 * 1024**2, 0, False).link == "↑230M ↓?"
+    slow = link(9_800_000, 512, True)
+    assert (slow.link, slow.slow, slow.link_severity) == ("↑9.35M ↓512B slow", True, v.BUSY)
+    assert slow.steering == "slow: common chunks, not first copies"
+    # Busy and slow at once: both reasons, on one line that fits 80 columns.
+    both = v.host_row(fixtures.host("a", 1, busyness=0.8, link=(1, 1, True)), None, NOW)
+    assert both.steering == ("busy: fewer uploads, no volunteering; "
+                             "slow: common chunks, not first copies")
+    assert len(both.steering) <= 78
+    # The widest link still fits the table's 18-cell column whole.
+    widest = link(1023 * 1024**2, 1023 * 1024**2, True).link
+    assert widest == "↑1023M ↓1023M slow" and len(widest) == 18
+
+
+def test_host_row_dead_host_shows_no_scheduler_state() -> None:
+    """A dead host's last report is history: no app CPU, busyness nor link."""
+    h = fixtures.host("web-06", 6, alive=False, app_cpu=99.0, busyness=1.0,
+                      link=(9_800_000, 9_900_000, True))
+    r = v.host_row(h, None, NOW)
+    assert (r.app_cpu, r.busyness, r.link) == ("-", "-", "-")
+    assert (r.busy_severity, r.link_severity, r.slow, r.steering) == (v.IDLE, v.IDLE, False, "")
+
+
+def test_host_row_older_daemon_and_center_and_no_watched_app() -> None:
+    # An older daemon's heartbeat has no app_cpu: read as 0, shown as '-'.
+    old_daemon = fixtures.host("a", 1, app_cpu=None)
+    assert "app_cpu" not in old_daemon["load"]
+    r = v.host_row(old_daemon, None, NOW)
+    assert (r.app_cpu, r.app_busy_at, r.busyness) == ("-", "-", "0.00")
+    # 0: nothing watched, or the pidfile names no running process.
+    assert v.host_row(fixtures.host("a", 1, app_cpu=0.0), None, NOW).app_cpu == "-"
+    # An older center sends neither busyness nor link.
+    old_center = fixtures.host("a", 1, busyness=None, link=None)
+    assert "busyness" not in old_center and "link" not in old_center
+    r = v.host_row(old_center, None, NOW)
+    assert (r.busyness, r.busy_severity, r.link, r.link_severity, r.slow) == \
+        ("-", v.IDLE, "-", v.IDLE, False)
+
+
+@pytest.mark.parametrize("bad", ["busy", "", float("nan"), float("inf"), -3.0, True, False,
+                                 None, [1], {"x": 1}])
+def test_host_row_malformed_scheduler_values_show_dash(bad: object) -> None:
+    h = fixtures.host("a", 1)
+    h["load"]["app_cpu"] = bad
+    h["load"]["app_cpu_busy"] = bad
+    h["busyness"] = bad
+    h["link"] = {"up": bad, "down": bad, "slow": False}
+    r = v.host_row(h, None, NOW)
+    assert (r.app_cpu, r.app_busy_at, r.busyness, r.busy_severity) == ("-", "-", "-", v.IDLE)
+    # A direction that is not a positive rate is as good as unmeasured.
+    assert (r.link, r.slow, r.link_severity) == ("↑? ↓?", False, v.OK)
+
+
+def test_host_row_numeric_strings_read_like_the_cpu_column() -> None:
+    # The shared helper reads a number sent as a string, as it does for 'cpu'.
+    h = fixtures.host("a", 1)
+    h["load"].update(cpu="12", app_cpu="97")
+    h["busyness"] = "0.6"
+    r = v.host_row(h, None, NOW)
+    assert (r.cpu, r.app_cpu, r.busyness, r.busy_severity) == ("12%", "97%", "0.60", v.BUSY)
+
+
+@pytest.mark.parametrize("slow", ["true", "slow", 1, 1.0, [True], None])
+def test_host_row_only_a_real_true_makes_a_host_slow(slow: object) -> None:
+    h = fixtures.host("a", 1)
+    h["link"]["slow"] = slow
+    r = v.host_row(h, None, NOW)
+    assert (r.slow, r.link, r.link_severity, r.steering) == (False, "↑? ↓?", v.OK, "")
+
+
+@pytest.mark.parametrize("link", ["slow", 1, True, [9_800_000, 9_900_000], None])
+def test_host_row_link_that_is_not_an_object_shows_dash(link: object) -> None:
+    h = fixtures.host("a", 1)
+    h["link"] = link
+    r = v.host_row(h, None, NOW)
+    assert (r.link, r.slow, r.link_severity) == ("-", False, v.IDLE)
+
+
+def test_totals_count_busy_and_slow_live_hosts() -> None:
+    cv = ClusterView()
+    cv.load_snapshot([], [
+        fixtures.host("idle", 1, busyness=0.2),
+        fixtures.host("busy", 2, busyness=0.5),
+        fixtures.host("slow", 3, link=(1, 1, True)),
+        fixtures.host("both", 4, busyness=1.0, link=(1, 1, True)),
+        # Dead hosts count as dead, not busy or slow: their report is history.
+        fixtures.host("dead", 5, alive=False, busyness=1.0, link=(1, 1, True)),
+        fixtures.host("old", 6, busyness=None, link=None),
+        fixtures.host("junk", 7, busyness="busy", link=(1, 1, "yes")),  # type: ignore[arg-type]
+    ])
+    t = cv.totals()
+    assert (t["hosts"], t["alive"], t["dead"], t["busy"], t["slow"]) == (7, 6, 1, 2, 2)
+
+
 def test_job_header() -> None:
     d = fixtures.details()[fixtures.RUNNING]
     h = v.job_header(d, NOW)

@@ -127,24 +127,60 @@ def details() -> dict[str, dict[str, Any]]:
 
 
 def host(name: str, i: int, alive: bool = True, tx: float = 0.0, rx: float = 0.0,
-         cpu: float = 10.0) -> dict[str, Any]:
-    return {"name": name, "address": f"10.0.0.{10 + i}:7071",
-            "labels": ["web"] if name.startswith("web") else ["build"],
-            "alive": alive, "last_heartbeat": _ts(0.4 if alive else 95),
-            "heartbeat_age": 0.4 if alive else 95.0,
-            "load": {"cpu": cpu, "loadavg": cpu / 50, "net_tx": tx, "net_rx": rx,
-                     "disk_busy": 3.0, "uploads": 2 if tx else 0, "downloads": 3 if rx else 0,
-                     "bytes_served": 0, "bytes_received": 0},
-            "free": {"/srv": (200 - 9 * i) * GiB, "/var/lib/fdship": (30 + 37 * i % 90) * GiB},
-            "version": "0.1.0"}
+         cpu: float = 10.0, app_cpu: float | None = 0.0, busyness: float | None = 0.0,
+         link: tuple[float, float, bool] | None = (0, 0, False)) -> dict[str, Any]:
+    """One host as ``GET /center/hosts`` shows it.
+
+    ``app_cpu=None`` is an older daemon's heartbeat (no ``app_cpu`` nor
+    ``app_cpu_busy``); ``busyness=None`` or ``link=None`` an older center's row.
+    ``link`` is (up, down, slow), bytes/s with 0 for not measured yet.
+    """
+    h: dict[str, Any] = {
+        "name": name, "address": f"10.0.0.{10 + i}:7071",
+        "labels": ["web"] if name.startswith("web") else ["build"],
+        "alive": alive, "last_heartbeat": _ts(0.4 if alive else 95),
+        "heartbeat_age": 0.4 if alive else 95.0,
+        "load": {"cpu": cpu, "loadavg": cpu / 50, "net_tx": tx, "net_rx": rx,
+                 "disk_busy": 3.0, "uploads": 2 if tx else 0, "downloads": 3 if rx else 0,
+                 "bytes_served": 0, "bytes_received": 0},
+        "assigned": {"uploads": 2 if tx else 0, "downloads": 3 if rx else 0},
+        "free": {"/srv": (200 - 9 * i) * GiB, "/var/lib/fdship": (30 + 37 * i % 90) * GiB},
+        "version": "0.1.0"}
+    if app_cpu is not None:
+        h["load"].update(app_cpu=app_cpu, app_cpu_busy=75.0)
+    if busyness is not None:
+        h["busyness"] = busyness
+    if link is not None:
+        h["link"] = {"up": link[0], "down": link[1], "slow": link[2]}
+    return h
+
+
+# What the scheduler makes of each web host (index -> host() keywords): idle and
+# fast by default; a busy bidder or two, a slow link, hosts not measured yet, an
+# old daemon that reports no app CPU, and a dead host whose last report was busy.
+FAST = (112 * MiB, 117 * MiB, False)
+_WEB: dict[int, dict[str, Any]] = {
+    2: {"app_cpu": 40.0, "busyness": 0.3},
+    3: {"app_cpu": 97.0, "busyness": 1.0},
+    4: {"app_cpu": 52.0, "busyness": 0.54},
+    6: {"app_cpu": 99.0, "busyness": 1.0, "link": (9_800_000, 9_900_000, True)},
+    7: {"app_cpu": 20.0, "link": (9_800_000, 9_900_000, True)},
+    8: {"app_cpu": 0.0},  # nothing watched, or its process is not running
+    10: {"link": (0, 0, False)},
+    11: {"link": (0, 96 * MiB, False)},
+    12: {"app_cpu": None},
+}
 
 
 def hosts() -> list[dict[str, Any]]:
-    out = [host("build-1", 0, tx=220 * MiB, rx=1 * MiB, cpu=31.0)]
+    # The source: an older daemon (no app CPU), its downlink never measured.
+    out = [host("build-1", 0, tx=220 * MiB, rx=1 * MiB, cpu=31.0, app_cpu=None,
+                link=(230 * MiB, 0, False))]
     for i in range(1, 13):
         alive = i != 6
+        kw: dict[str, Any] = {"app_cpu": 6.0 + i, "link": FAST, **_WEB.get(i, {})}
         out.append(host(f"web-{i:02d}", i, alive=alive, tx=(30 + 5 * i) * MiB if alive else 0,
-                        rx=(80 - 3 * i) * MiB if alive else 0, cpu=8.0 + i))
+                        rx=(80 - 3 * i) * MiB if alive else 0, cpu=8.0 + i, **kw))
     return out
 
 
