@@ -16,6 +16,7 @@ from tui import app as tui_app
 from tui.app import MonitorApp
 from tui.screens import HostsScreen, JobScreen, JobsScreen
 from tui.source import MemorySource
+from tui.widgets import RowTable
 
 
 def run(app: MonitorApp, body: Callable[[Pilot[Any]], Awaitable[None]],
@@ -104,13 +105,25 @@ def test_filter_failures_on_every_screen() -> None:
     run(fixture_app(), body)
 
 
+async def open_hosts(pilot: Pilot[Any]) -> RowTable:
+    app = pilot.app
+    await pilot.press("h")
+    await wait_until(pilot, lambda: isinstance(app.screen, HostsScreen)
+                     and len(table(app, "#hosts").keys) == 13, what="hosts")
+    return table(app, "#hosts")
+
+
+def on_screen(t: RowTable, key: str | None = None) -> str:
+    """What the table shows on its header line (key None) or a row's line right now:
+    only the columns inside the terminal, not the ones scrolled out of sight."""
+    y = 0 if key is None else t.keys.index(key) - t.scroll_offset.y + 1
+    return t.render_line(y).text
+
+
 def test_hosts_screen_dead_first_with_sparklines_and_keys_back() -> None:
     async def body(pilot: Pilot[Any]) -> None:
         app = pilot.app
-        await pilot.press("h")
-        await wait_until(pilot, lambda: isinstance(app.screen, HostsScreen)
-                         and len(table(app, "#hosts").keys) == 13, what="hosts")
-        t = table(app, "#hosts")
+        t = await open_hosts(pilot)
         assert t.keys[0] == "web-06"
         assert t.cell_text("web-06", "state") == "DEAD"
         assert "red" in str(t.cell("web-06", "state").style)
@@ -118,7 +131,7 @@ def test_hosts_screen_dead_first_with_sparklines_and_keys_back() -> None:
         assert len(spark) == 12 and len(set(spark.strip())) > 2  # a shape, not a flat line
         assert t.cell_text("web-06", "net").strip() == "▁" * 12  # 14 samples, all zero
         assert t.cell_text("build-1", "tx") == "165M"  # the latest sample: 220M x 0.75
-        fits(app, "#hosts")
+        fits(app, "#hosts")  # every column, the scheduler's included, in 120
         detail = plain(app.screen.query_one("#host-detail"))
         assert "10.0.0.16:7071" in detail and "last heartbeat 1m35s ago" in detail
         await pilot.press("escape")
@@ -126,7 +139,90 @@ def test_hosts_screen_dead_first_with_sparklines_and_keys_back() -> None:
         await pilot.press("h", "j")
         await wait_until(pilot, lambda: isinstance(app.screen, JobsScreen), what="jobs via j")
 
+    run(fixture_app(), body, size=(120, 30))
+
+
+def test_hosts_screen_shows_app_cpu_busyness_and_learned_link() -> None:
+    """Why a host gets fewer uploads (its app is busy) or is treated as slow."""
+    async def body(pilot: Pilot[Any]) -> None:
+        app = pilot.app
+        t = await open_hosts(pilot)
+        header = on_screen(t)
+        for label in ("CPU", "APP", "BUSY", "LINK", "NET", "FREE", "I/O"):
+            assert f" {label} " in header, (label, header)
+        cols = ("cpu", "app", "busy", "link")
+        # A busy bidder: yellow busyness, nothing else marked.
+        assert [t.cell_text("web-03", c) for c in cols] == ["11%", "97%", "1.00", "↑112M ↓117M"]
+        assert "yellow" in t.cell("web-03", "busy").style
+        assert t.cell("web-03", "link").style == ""
+        assert t.cell_text("web-04", "busy") == "0.54"
+        assert "yellow" in t.cell("web-04", "busy").style
+        # Below 0.5 the center still volunteers the host: plain.
+        assert t.cell_text("web-02", "busy") == "0.30" and t.cell("web-02", "busy").style == ""
+        # A slow link, marked in words and colour.
+        assert t.cell_text("web-07", "link") == "↑9.35M ↓9.44M slow"
+        assert "yellow" in t.cell("web-07", "link").style
+        # Not measured yet, in either direction or one.
+        assert t.cell_text("web-10", "link") == "↑? ↓?"
+        assert t.cell_text("web-11", "link") == "↑? ↓96.0M"
+        # No app CPU: nothing watched (web-08), or an old daemon without the field.
+        assert [t.cell_text(k, "app") for k in ("web-08", "web-12", "build-1")] == ["-"] * 3
+        assert t.cell_text("build-1", "link") == "↑230M ↓?"
+        # The dead host's last report said busy and slow: history, not shown.
+        assert [t.cell_text("web-06", c) for c in cols] == ["-"] * 4
+        line = on_screen(t, "web-07")
+        assert "15%" in line and "20%" in line and "0.00" in line and "slow" in line
+        summary = plain(app.screen.query_one("#summary"))
+        assert summary == "13 hosts · 12 up · 1 dead · 2 busy · 1 slow"
+        # The panel says the same in words for the highlighted host.
+        detail = app.screen.query_one("#host-detail")
+        t.move_to("web-03")
+        await wait_until(pilot, lambda: "busy: fewer uploads" in plain(detail), what="web-03")
+        assert "app 97% (busy at 75%)  busyness 1.00  link ↑112M ↓117M" in plain(detail)
+        t.move_to("web-07")
+        await wait_until(pilot, lambda: "slow: common chunks, not first copies" in plain(detail),
+                         what="web-07")
+        assert "busy:" not in plain(detail)
+        t.move_to("web-12")
+        await wait_until(pilot, lambda: "app -  busyness 0.00" in plain(detail), what="web-12")
+        t.move_to("web-06")
+        await wait_until(pilot, lambda: "DEAD" in plain(detail), what="web-06")
+        assert "busyness" not in plain(detail)
+
+    run(fixture_app(), body, size=(120, 30))
+
+
+def test_hosts_at_80_columns_keep_the_scheduler_columns_in_view() -> None:
+    """At 80x24 everything up to LINK is on screen; NET, FREE and I/O scroll in."""
+    async def body(pilot: Pilot[Any]) -> None:
+        t = await open_hosts(pilot)
+        header = on_screen(t)
+        assert "BUSY" in header and "LINK" in header and "FREE" not in header
+        assert on_screen(t, "web-07").rstrip().endswith("↑9.35M ↓9.44M slow  ▆▇")
+        assert "97%  1.00" in on_screen(t, "web-03")
+        await pilot.press("ctrl+pagedown")
+        await wait_until(pilot, lambda: t.scroll_offset.x > 0, what="scrolled sideways")
+        assert "I/O" in on_screen(t) and "↑2 ↓3" in on_screen(t, "web-07")
+
     run(fixture_app(), body)
+
+
+def test_a_host_event_updates_busyness_link_and_the_counts() -> None:
+    src = fx.source()
+
+    async def body(pilot: Pilot[Any]) -> None:
+        app = pilot.app
+        t = await open_hosts(pilot)
+        assert t.cell_text("web-01", "busy") == "0.00"
+        src.push("host", fx.host("web-01", 1, tx=fx.MiB, rx=fx.MiB, app_cpu=140.0,
+                                 busyness=0.9, link=(20 * fx.MiB, 2 * fx.MiB, True)))
+        await wait_until(pilot, lambda: t.cell_text("web-01", "busy") == "0.90", what="busy")
+        assert [t.cell_text("web-01", c) for c in ("app", "link")] == \
+            ["140%", "↑20.0M ↓2.00M slow"]
+        summary = app.screen.query_one("#summary")
+        await wait_until(pilot, lambda: "3 busy · 2 slow" in plain(summary), what="counts")
+
+    run(fixture_app(src), body, size=(120, 30))
 
 
 def test_live_events_update_the_open_job_and_keep_the_cursor_on_its_machine() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import tui_fixtures as fx
 from textual.pilot import Pilot
-from tui_helpers import fixture_app, ready, settled, status, table
+from tui_helpers import fixture_app, plain, ready, settled, status, table
 
 from tui.screens import HostsScreen, JobScreen
 
@@ -40,6 +40,18 @@ def test_job_view_80x24(snap_compare: Any) -> None:
 
 def test_hosts_view_80x24(snap_compare: Any) -> None:
     assert snap_compare(fixture_app(), terminal_size=(80, 24), run_before=show_hosts)
+
+
+def test_hosts_view_120x30_busy_host_selected(snap_compare: Any) -> None:
+    """Every column in view; the busy bidder web-03 highlighted, its panel saying why."""
+    async def before(pilot: Pilot[Any]) -> None:
+        await show_hosts(pilot)
+        await pilot.press("home", "down", "down", "down", "down")
+        await settled(pilot, lambda: table(pilot.app, "#hosts").selected_key() == "web-03"
+                      and "busy: fewer uploads" in plain(pilot.app.screen.query_one(
+                          "#host-detail")), what="web-03 highlighted")
+
+    assert snap_compare(fixture_app(), terminal_size=(120, 30), run_before=before)
 
 
 def test_job_view_100x30_failures_only(snap_compare: Any) -> None:
