@@ -288,6 +288,10 @@ class DaemonConfig:
                              "bytes are due within this many seconds, so the next chunk starts "
                              "flowing a round trip earlier; 0 turns the notices off",
                              parse_duration)
+    control_channel: bool = _opt(True, "send acks and drain notices, and take pulls, over one "
+                                 "WebSocket to the center (far less CPU per chunk than a "
+                                 "request each); HTTP whenever it is down. off: HTTP only",
+                                 _bool)
     write_behind: bool = _opt(True, "hand each verified chunk to the disk's writeback at once, "
                               "so installing a file waits for little more than its last "
                               "chunk; off: the fsync before the install writes the whole "

@@ -25,6 +25,9 @@ CENTER_ACK = "/center/ack"
 CENTER_DRAINING = "/center/draining"  # POST DrainBatch: fetches about to finish (soft)
 CENTER_FIN = "/center/fin"
 CENTER_HEARTBEAT = "/center/heartbeat"
+# GET, upgraded to a WebSocket: a daemon's control channel (see fdship.channel).
+CENTER_CHANNEL = "/center/channel"
+CHANNEL_MAX_FRAME = 16 * 1024 * 1024  # one control message (a pull of many chunks fits)
 CENTER_JOBS = "/center/jobs"  # GET list; GET /center/jobs/ID one job
 CENTER_HOSTS = "/center/hosts"
 CENTER_EVENTS = "/center/events"

@@ -18,11 +18,13 @@ from typing import Any
 import tornado.iostream
 import tornado.netutil
 import tornado.web
+import tornado.websocket
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from fdship import __version__
 from fdship import protocol as P
 from fdship.center.runner import Runner
+from fdship.channel import Endpoint
 from fdship.center.schedules import routes as schedule_routes
 from fdship.config import CenterConfig, parse_hostport, read_token
 from fdship.core import views
@@ -34,6 +36,8 @@ from fdship.web import (BaseHandler, MetricsHandler, NotFoundHandler, make_serve
                         server_ssl_context, stop_signal)
 
 log = logging.getLogger("fdship.center")
+
+CHANNEL_PING = 10.0  # seconds between WebSocket pings on a control channel
 
 
 class CenterMetrics:
@@ -77,8 +81,81 @@ class CenterMetrics:
         Gauge("fdship_inflight_fetches", "Fetches assigned and not yet answered",
               registry=r).set_function(inflight)
         Gauge("fdship_jobs_running", "Jobs running", registry=r).set_function(running)
+
+        def channels() -> float:
+            return sum(1 for e in ref[0].channels.values() if e.open) if ref else 0
+
+        Gauge("fdship_control_channels", "Daemons' control channels open",
+              registry=r).set_function(channels)
+        # Pulls and packs by the way they went: the daemon's channel, or HTTP.
+        self.commands = Gauge("fdship_commands_sent", "Pulls and packs sent to daemons, by "
+                              "transport (channel or http)", ["transport"], registry=r)
+        for t in ("channel", "http"):
+            self.commands.labels(transport=t).set_function(
+                lambda t=t: ref[0].stats[f"commands_by_{t}"] if ref else 0)
         self.hb_age = Gauge("fdship_heartbeat_age_seconds", "Seconds since each daemon's last "
                             "heartbeat", ["host"], registry=r)
+
+
+def concerns_running_job(runner: Runner, job: str, host: str, file: int,
+                         chunk: int | None = None) -> bool:
+    """Whether a report names a running job, one of its machines, a file and chunk of it.
+
+    Reports that do not are answered but never logged: the scheduler would
+    ignore them anyway, and the REDO log must not grow from requests that
+    change nothing (a late report of an expired job, or a forged one).
+    """
+    j = runner.sched.jobs.get(job)
+    if j is None or j.state != "running" or host not in j.machines:
+        return False
+    if file == -1:  # a machine-level report (the notify hook)
+        return True
+    if file >= len(j.files):
+        return False
+    return chunk is None or chunk < j.file_chunks(file)
+
+
+async def accept_acks(runner: Runner, m: CenterMetrics, batch: P.AckBatch) -> dict[str, Any]:
+    """Log and apply a target's acks; answers once they are durable (one fsync for all)."""
+    futs = []
+    ignored = 0
+    for a in batch.acks:
+        if not concerns_running_job(runner, a.job, batch.host, a.file, a.chunk):
+            ignored += 1
+            continue
+        if a.ok:
+            m.acks.inc()
+            m.bytes.inc(a.nbytes)  # network bytes only: 0 for a chunk reused locally
+            if a.local:
+                m.reused.inc()
+            ev: Any = ChunkStored(job=a.job, host=batch.host, file=a.file, chunk=a.chunk,
+                                  peer=a.peer, nbytes=a.nbytes, seconds=a.wire_seconds)
+        else:
+            m.failures.labels(reason=a.kind).inc()
+            log.info("job=%s host=%s chunk %d/%d from %s failed (%s): %s", a.job, batch.host,
+                     a.file, a.chunk, a.peer, a.kind, a.error)
+            ev = FetchFailed(job=a.job, host=batch.host, file=a.file, chunk=a.chunk,
+                             peer=a.peer, fail=a.kind, error=a.error)
+        futs.append(runner.submit(ev))
+    await asyncio.gather(*futs)  # all land in one turn: one fsync
+    return {"ok": True, "ignored": ignored}
+
+
+def accept_drains(runner: Runner, m: CenterMetrics, batch: P.DrainBatch) -> dict[str, Any]:
+    """Queue a target's drain notices for the scheduler; answers at once (see DrainingHandler)."""
+    ignored = 0
+    for d in batch.drains:
+        if not concerns_running_job(runner, d.job, batch.host, d.file, d.chunk):
+            ignored += 1
+            continue
+        runner.notify(FetchDraining(job=d.job, host=batch.host, file=d.file,
+                                    chunk=d.chunk, peer=d.peer))
+    accepted = len(batch.drains) - ignored
+    if accepted:
+        m.drains.labels(outcome="accepted").inc(accepted)
+    if ignored:
+        m.drains.labels(outcome="ignored").inc(ignored)
+    return {"ok": True, "ignored": ignored}
 
 
 class CenterHandler(BaseHandler):
@@ -88,20 +165,7 @@ class CenterHandler(BaseHandler):
 
     def concerns_running_job(self, job: str, host: str, file: int,
                              chunk: int | None = None) -> bool:
-        """Whether a report names a running job, one of its machines, a file and chunk of it.
-
-        Reports that do not are answered but never logged: the scheduler would
-        ignore them anyway, and the REDO log must not grow from requests that
-        change nothing (a late report of an expired job, or a forged one).
-        """
-        j = self.runner.sched.jobs.get(job)
-        if j is None or j.state != "running" or host not in j.machines:
-            return False
-        if file == -1:  # a machine-level report (the notify hook)
-            return True
-        if file >= len(j.files):
-            return False
-        return chunk is None or chunk < j.file_chunks(file)
+        return concerns_running_job(self.runner, job, host, file, chunk)
 
 
 class JobHandler(CenterHandler):
@@ -116,29 +180,7 @@ class JobHandler(CenterHandler):
 class AckHandler(CenterHandler):
     async def post(self) -> None:
         batch = self.parse(P.AckBatch.from_json)
-        m: CenterMetrics = self.settings["fdship_metrics"]
-        futs = []
-        ignored = 0
-        for a in batch.acks:
-            if not self.concerns_running_job(a.job, batch.host, a.file, a.chunk):
-                ignored += 1
-                continue
-            if a.ok:
-                m.acks.inc()
-                m.bytes.inc(a.nbytes)  # network bytes only: 0 for a chunk reused locally
-                if a.local:
-                    m.reused.inc()
-                ev: Any = ChunkStored(job=a.job, host=batch.host, file=a.file, chunk=a.chunk,
-                                      peer=a.peer, nbytes=a.nbytes, seconds=a.wire_seconds)
-            else:
-                m.failures.labels(reason=a.kind).inc()
-                log.info("job=%s host=%s chunk %d/%d from %s failed (%s): %s", a.job, batch.host,
-                         a.file, a.chunk, a.peer, a.kind, a.error)
-                ev = FetchFailed(job=a.job, host=batch.host, file=a.file, chunk=a.chunk,
-                                 peer=a.peer, fail=a.kind, error=a.error)
-            futs.append(self.runner.submit(ev))
-        await asyncio.gather(*futs)  # all land in one turn: one fsync
-        self.send_json({"ok": True, "ignored": ignored})
+        self.send_json(await accept_acks(self.runner, self.settings["fdship_metrics"], batch))
 
 
 class DrainingHandler(CenterHandler):
@@ -153,20 +195,63 @@ class DrainingHandler(CenterHandler):
 
     def post(self) -> None:
         batch = self.parse(P.DrainBatch.from_json)
+        self.send_json(accept_drains(self.runner, self.settings["fdship_metrics"], batch))
+
+
+class ChannelHandler(CenterHandler, tornado.websocket.WebSocketHandler):
+    """GET /center/channel?host=NAME: a daemon's control channel (a WebSocket).
+
+    The daemon sends its acks and drain notices over it, and the center its
+    pulls and packs (see :mod:`fdship.channel`).  The token is checked before
+    the upgrade, as for every request.  One channel per host: a new one
+    replaces the old (the daemon reconnected), whose waiting calls fail over
+    to HTTP.
+    """
+
+    host = ""
+    endpoint: Endpoint | None = None
+
+    def prepare(self) -> None:
+        super().prepare()  # the token
+        host = self.get_query_argument("host", "")
+        if not host or len(host) > 253 or not host.isprintable():
+            raise BadRequest("channel: give the daemon's name as ?host=NAME")
+        self.host = host
+
+    def open(self, *args: Any, **kwargs: Any) -> None:
         m: CenterMetrics = self.settings["fdship_metrics"]
-        ignored = 0
-        for d in batch.drains:
-            if not self.concerns_running_job(d.job, batch.host, d.file, d.chunk):
-                ignored += 1
-                continue
-            self.runner.notify(FetchDraining(job=d.job, host=batch.host, file=d.file,
-                                             chunk=d.chunk, peer=d.peer))
-        accepted = len(batch.drains) - ignored
-        if accepted:
-            m.drains.labels(outcome="accepted").inc(accepted)
-        if ignored:
-            m.drains.labels(outcome="ignored").inc(ignored)
-        self.send_json({"ok": True, "ignored": ignored})
+        runner = self.runner
+
+        async def ack(body: Any) -> Any:
+            batch = P.AckBatch.from_json(body)
+            self._same_host(batch.host)
+            return await accept_acks(runner, m, batch)
+
+        async def draining(body: Any) -> Any:
+            batch = P.DrainBatch.from_json(body)
+            self._same_host(batch.host)
+            return accept_drains(runner, m, batch)
+
+        self.set_nodelay(True)  # one small frame per message: never wait to coalesce
+        self.endpoint = Endpoint(f"daemon {self.host}", self.write_message,
+                                 {"ack": ack, "draining": draining})
+        runner.attach_channel(self.host, self.endpoint)
+
+    def _same_host(self, host: str) -> None:
+        if host != self.host:
+            raise BadRequest(f"channel of {self.host} cannot report for {host}; each daemon "
+                             "reports for itself", status=403)
+
+    def on_message(self, message: str | bytes) -> None:
+        if self.endpoint is not None:
+            self.endpoint.received(message)
+
+    def on_close(self) -> None:
+        if self.endpoint is not None:
+            reason = self.close_reason or (f"code {self.close_code}" if self.close_code
+                                           else "connection lost")
+            self.endpoint.closed(reason)
+            self.runner.detach_channel(self.host, self.endpoint)
 
 
 class FinHandler(CenterHandler):
@@ -281,6 +366,7 @@ def make_app(runner: Runner, token: str, metrics: CenterMetrics) -> tornado.web.
         (P.CENTER_DRAINING, DrainingHandler),
         (P.CENTER_FIN, FinHandler),
         (P.CENTER_HEARTBEAT, HeartbeatHandler),
+        (P.CENTER_CHANNEL, ChannelHandler),
         (P.CENTER_JOBS, JobsHandler),
         (P.CENTER_JOBS + r"/([^/]+)", OneJobHandler),
         (P.CENTER_HOSTS, HostsHandler),
@@ -288,7 +374,12 @@ def make_app(runner: Runner, token: str, metrics: CenterMetrics) -> tornado.web.
         *schedule_routes(),
         (P.METRICS, MetricsHandler),
     ], default_handler_class=NotFoundHandler, fdship_runner=runner, fdship_token=token,
-        fdship_metrics=metrics, fdship_registry=metrics.registry, compress_response=False)
+        fdship_metrics=metrics, fdship_registry=metrics.registry, compress_response=False,
+        # Control channels: a daemon that vanished without closing is found by
+        # the missing pongs (its heartbeats stop too, and the center declares it
+        # dead on its own schedule); a frame is at most a control message.
+        websocket_ping_interval=CHANNEL_PING, websocket_ping_timeout=3 * CHANNEL_PING,
+        websocket_max_message_size=P.CHANNEL_MAX_FRAME)
 
 
 async def run_center(cfg: CenterConfig) -> None:

@@ -38,12 +38,15 @@ from fdship.core.events import (CallbackDelivered, CommandUndelivered, Event, Ho
 from fdship.core.scheduler import Scheduler, Tunables
 from fdship.core.schedules import RunSchedule
 from fdship.daemon.client import DaemonClient
-from fdship.errors import FdshipError, LogCorruptError, NotFound
+from fdship.errors import FdshipError, LogCorruptError, NotFound, Unavailable
 from fdship.httpclient import call, close_keep_alive, peer_url
 
 log = logging.getLogger("fdship.center")
 
 TICK_SECONDS = 0.25
+# How long a pull or pack over a daemon's channel may wait for its answer
+# before it is sent over HTTP instead (the HTTP call's own timeout is 15 s).
+COMMAND_TIMEOUT = 5.0
 EVENT_FLUSH_SECONDS = 0.1
 
 
@@ -176,7 +179,11 @@ class Runner:
             max_workers=1, thread_name_prefix="fdship-fsync")
         self._syncing: asyncio.Future[None] | None = None
         self.replayed = 0
-        self.stats = {"acks": 0, "nacks": 0, "pulls_sent": 0, "packs_sent": 0}
+        self.stats = {"acks": 0, "nacks": 0, "pulls_sent": 0, "packs_sent": 0,
+                      "commands_by_channel": 0, "commands_by_http": 0}
+        # Daemons' control channels by host name (fdship.channel.Endpoint): pulls
+        # and packs go over them while they are up, over HTTP otherwise.
+        self.channels: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -412,12 +419,43 @@ class Runner:
             elif isinstance(a, RunSchedule):
                 self._spawn(run_schedule(self, a))
 
+    def attach_channel(self, host: str, endpoint: Any) -> None:
+        old = self.channels.get(host)
+        self.channels[host] = endpoint
+        if old is not None and old is not endpoint:
+            old.closed("replaced by a new channel from the same daemon")
+
+    def detach_channel(self, host: str, endpoint: Any) -> None:
+        if self.channels.get(host) is endpoint:
+            del self.channels[host]
+
+    async def _command(self, host: str, op: str, body: dict[str, Any],
+                       http: Callable[[], Awaitable[Any]]) -> Any:
+        """Send a pull or pack over the host's channel, or over HTTP when it has none.
+
+        A channel that fails (closed, or no reply in time) hands over to HTTP:
+        the daemon takes a repeated pull or pack as a no-op, so sending it
+        twice is safe, while dropping it would stall the chunk.
+        """
+        ch = self.channels.get(host)
+        if ch is not None and ch.open:
+            try:
+                res = await ch.call(op, body, COMMAND_TIMEOUT)
+                self.stats["commands_by_channel"] += 1
+                return res
+            except Unavailable as e:
+                log.info("host=%s %s over the channel failed (%s); sending it over HTTP",
+                         host, op, e)
+        self.stats["commands_by_http"] += 1
+        return await http()
+
     async def _send_pull(self, a: AssignFetch) -> None:
         req = P.PullRequest(job=a.job, files=a.files, fetches=a.fetches)
         try:
             # A pull sits between two chunks on the target's link: over a kept-alive
             # connection it costs one round trip, not a handshake more.
-            await DaemonClient(peer_url(a.address), self.token, keep_alive=True).pull(req)
+            await self._command(a.target, "pull", req.to_json(), lambda: DaemonClient(
+                peer_url(a.address), self.token, keep_alive=True).pull(req))
         except FdshipError as e:
             log.warning("job=%s host=%s pull not delivered: %s", a.job, a.target, e)
             await self.inbox.put(_Item("event", CommandUndelivered(
@@ -428,7 +466,8 @@ class Runner:
         req = P.PackRequest(job=a.job, file=a.file, chunk_size=a.chunk_size, notify=a.notify,
                             last=a.last, files_total=a.files_total)
         try:
-            await DaemonClient(peer_url(a.address), self.token, keep_alive=True).pack(req)
+            await self._command(a.target, "pack", req.to_json(), lambda: DaemonClient(
+                peer_url(a.address), self.token, keep_alive=True).pack(req))
         except FdshipError as e:
             log.warning("job=%s host=%s pack not delivered: %s", a.job, a.target, e)
             await self.inbox.put(_Item("event", CommandUndelivered(

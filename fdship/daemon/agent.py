@@ -34,7 +34,7 @@ import stat
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import tornado.netutil
@@ -44,7 +44,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from fdship import __version__
 from fdship import protocol as P
-from fdship.center.client import CenterClient
+from fdship.center.client import CenterChannel, CenterClient
 from fdship.config import DaemonConfig, parse_hostport, read_token
 from fdship.daemon.arrivals import Arrival, Arrivals
 from fdship.daemon.delta import DeltaFetcher, DeltaHandler
@@ -163,6 +163,13 @@ class Daemon:
         # Heartbeats, acks and drain notices go out many times a second: over
         # kept-alive connections, not a new handshake each.
         self.center = CenterClient(cfg.center, token, keep_alive=True)
+        # Acks, drain notices and the center's pulls and packs come once per
+        # chunk: over the control channel while it is up (one frame each, not
+        # a request), over HTTP whenever it is not.
+        self.channel = CenterChannel(cfg.center, token, self.name, {
+            "pull": self._channel_pull, "pack": self._channel_pack,
+        }) if cfg.control_channel else None
+        self.report_counts = {"channel": 0, "http": 0}
         self.hooks = HookRunner(cfg.hooks)
         # Hooks run once per job: a pack for the hook repeated by a restarted
         # center re-sends the recorded outcome instead of running it again.
@@ -213,8 +220,12 @@ class Daemon:
     def start(self) -> None:
         self._tasks = [asyncio.ensure_future(self._heartbeats()),
                        asyncio.ensure_future(self._ack_sender())]
+        if self.channel is not None:
+            self.channel.start()
 
     async def stop(self) -> None:
+        if self.channel is not None:
+            await self.channel.stop()
         for t in self._tasks + list(self.active.values()) + list(self._bg):
             t.cancel()
         for t in self._tasks + list(self.active.values()) + list(self._bg):
@@ -313,6 +324,31 @@ class Daemon:
 
     # ------------------------------------------------------------------ acks
 
+    async def _report(self, op: str, body: dict[str, Any],
+                      http: Callable[[], Awaitable[Any]], timeout: float = 30.0) -> Any:
+        """Send an ack batch or drain notices: over the channel if it is up, else HTTP.
+
+        A channel that fails mid-call (closed, no answer) hands over to HTTP:
+        the center applies an ack it already has, or a stale notice, as a no-op.
+        """
+        ch = self.channel
+        if ch is not None and ch.connected:
+            try:
+                res = await ch.call(op, body, timeout)
+                self.report_counts["channel"] += 1
+                return res
+            except Unavailable as e:
+                log.info("%s over the control channel failed (%s); using HTTP", op, e)
+        self.report_counts["http"] += 1
+        return await http()
+
+    async def _channel_pull(self, body: Any) -> Any:
+        return {"accepted": await self.pull(P.PullRequest.from_json(body))}
+
+    async def _channel_pack(self, body: Any) -> Any:
+        self.pack(P.PackRequest.from_json(body))
+        return {"accepted": True}
+
     def queue_ack(self, ack: P.Ack) -> None:
         self.acks.append(ack)
         self.ack_event.set()
@@ -326,7 +362,8 @@ class Daemon:
             batch = [self.acks[i] for i in range(min(len(self.acks), 1000))]
             try:
                 async with self.report_lock:
-                    await self.center.ack(P.AckBatch(host=self.name, acks=tuple(batch)))
+                    ab = P.AckBatch(host=self.name, acks=tuple(batch))
+                    await self._report("ack", ab.to_json(), lambda: self.center.ack(ab))
                 for _ in batch:
                     self.acks.popleft()
                 failures = 0
@@ -383,7 +420,9 @@ class Daemon:
                 if not batch:
                     continue
                 try:
-                    await self.center.draining(P.DrainBatch(host=self.name, drains=tuple(batch)))
+                    db = P.DrainBatch(host=self.name, drains=tuple(batch))
+                    await self._report("draining", db.to_json(), lambda: self.center.draining(db),
+                                       timeout=5.0)
                     self.drain_counts["sent"] += len(batch)
                 except FdshipError as e:
                     self.drain_counts["failed"] += len(batch)
@@ -838,6 +877,14 @@ class StatusHandler(DaemonHandler):
                         "writeback_bytes": d.store.writeback_bytes,
                         "fetch_failures": dict(d.pool.stats.failures),
                         "drain_notices": dict(d.drain_counts),
+                        # The control channel to the center, and how acks and
+                        # drain notices went: over it, or over HTTP.
+                        "channel": ({"state": d.channel.state, "connects": d.channel.connects,
+                                     "last_error": d.channel.last_error,
+                                     "served": d.channel.endpoint.served
+                                     if d.channel.endpoint else 0}
+                                    if d.channel is not None else {"state": "off"}),
+                        "reports": dict(d.report_counts),
                         "delta": d.delta.stats.to_json(), "version": __version__})
 
 

@@ -1,0 +1,196 @@
+"""Requests and replies over one persistent message channel, in both directions.
+
+Where it sits: the control channel between a daemon and the center (a
+WebSocket at ``/center/channel``, opened by the daemon) carries the messages
+that come once per chunk: the center's pulls to the target, the target's
+drain notices and acks back.  Over plain HTTP each of them is a whole request
+on both ends (parse, route, headers, timeouts), and on a busy fleet that,
+not the bytes, is where the CPU goes; over the channel each is one small
+frame.  Everything the channel carries is also an HTTP endpoint, and every
+sender falls back to HTTP whenever the channel is down, so the channel is
+an optimisation, never a dependency.
+
+This module is the transport-free part both ends share: the envelope, ids,
+the table of calls waiting for their reply, and dispatch of incoming
+requests to handlers.  The WebSocket ends are ``ChannelHandler`` in
+:mod:`fdship.center.http` and ``CenterChannel`` in :mod:`fdship.center.client`.
+
+Envelope (JSON text frames)::
+
+    request  {"id": 7, "op": "ack", "body": {...}}
+    reply    {"id": 7, "ok": {...}}
+    error    {"id": 7, "error": "what went wrong and what to do", "status": 400}
+
+Ids are per sender and per connection; a reply names the id of the request
+it answers.  Requests are served concurrently (an ack waits for the center's
+fsync; a drain notice behind it must not).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from fdship.errors import BadRequest, FdshipError, ProtocolError, Unavailable
+
+log = logging.getLogger("fdship.channel")
+
+Handler = Callable[[Any], Awaitable[Any]]
+
+#: Requests one end serves at once; more are refused (status 503) rather than
+#: queued, so a flood cannot grow memory (the sender falls back to HTTP).
+MAX_SERVING = 1024
+#: Calls one end may have waiting for replies.
+MAX_PENDING = 1024
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+class Endpoint:
+    """One end of a channel: ``call`` out, ``received`` in, ``closed`` once.
+
+    ``send`` writes one text frame (it may return an awaitable, which is
+    not waited for: frames are queued by the transport in order).
+    """
+
+    def __init__(self, name: str, send: Callable[[str], Any],
+                 handlers: Mapping[str, Handler]) -> None:
+        self.name = name  # the peer, for messages
+        self._send = send
+        self._handlers = dict(handlers)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._serving: set[asyncio.Task[Any]] = set()
+        self.closed_why = ""
+        self.calls = 0  # requests sent
+        self.served = 0  # requests answered
+
+    @property
+    def open(self) -> bool:
+        return not self.closed_why
+
+    async def call(self, op: str, body: Any, timeout: float) -> Any:
+        """Send a request and wait for its reply.
+
+        Raises Unavailable when the channel is (or goes) down or no reply
+        comes within ``timeout`` (the caller then uses HTTP), and the error
+        the other end sent back, as the same FdshipError an HTTP call gives.
+        """
+        if self.closed_why:
+            raise Unavailable(f"channel to {self.name} is down: {self.closed_why}")
+        if len(self._pending) >= MAX_PENDING:
+            raise Unavailable(f"channel to {self.name} has {MAX_PENDING} calls waiting")
+        rid = next(self._ids)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        try:
+            if not self._write({"id": rid, "op": op, "body": body}):
+                raise Unavailable(f"channel to {self.name} closed: {self.closed_why}")
+            self.calls += 1
+            return await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            raise Unavailable(f"channel to {self.name}: no reply to {op} in {timeout:g} s") \
+                from None
+        finally:
+            self._pending.pop(rid, None)
+
+    def received(self, text: str | bytes) -> None:
+        """Handle one incoming frame (never raises)."""
+        try:
+            msg = json.loads(text, parse_constant=_no_constants)
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            self._refuse(None, ProtocolError(f"channel frame is not valid JSON: {e}"))
+            return
+        if not isinstance(msg, dict) or not isinstance(msg.get("id"), int) \
+                or isinstance(msg.get("id"), bool):
+            self._refuse(None, ProtocolError("channel frame must be an object with an integer "
+                                             "'id'"))
+            return
+        rid = msg["id"]
+        if "op" in msg:
+            self._request(rid, msg.get("op"), msg.get("body"))
+            return
+        fut = self._pending.get(rid)
+        if fut is None or fut.done():
+            return  # the caller gave up (timeout) or it is a stray reply: nothing waits
+        if "error" in msg:
+            status = msg.get("status")
+            status = status if isinstance(status, int) and 400 <= status <= 599 else 500
+            text_ = str(msg.get("error") or f"error {status} from {self.name}")
+            fut.set_exception(BadRequest(text_, status=status) if status < 500
+                              else FdshipError(text_, status=status))
+        else:
+            fut.set_result(msg.get("ok"))
+
+    def closed(self, why: str) -> None:
+        """The transport is gone: every waiting call fails with Unavailable."""
+        if self.closed_why:
+            return
+        self.closed_why = why or "closed"
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(Unavailable(f"channel to {self.name} closed: {self.closed_why}"))
+        self._pending.clear()
+        for t in self._serving:
+            t.cancel()
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _request(self, rid: int, op: Any, body: Any) -> None:
+        handler = self._handlers.get(op) if isinstance(op, str) else None
+        if handler is None:
+            self._refuse(rid, BadRequest(f"unknown channel op {op!r} (this end serves "
+                                         f"{', '.join(sorted(self._handlers)) or 'none'}); "
+                                         "use the HTTP endpoint instead", status=404))
+            return
+        if len(self._serving) >= MAX_SERVING:
+            self._refuse(rid, Unavailable(f"{MAX_SERVING} channel requests in progress; "
+                                          "retry over HTTP"))
+            return
+        task = asyncio.ensure_future(self._serve(rid, handler, body))
+        self._serving.add(task)
+        task.add_done_callback(self._serving.discard)
+
+    async def _serve(self, rid: int, handler: Handler, body: Any) -> None:
+        try:
+            reply = await handler(body)
+        except FdshipError as e:
+            self._refuse(rid, e)
+            return
+        except asyncio.CancelledError:
+            return  # closed under us: nobody to answer
+        except Exception as e:  # a bug: answer like the HTTP base handler, keep serving
+            log.exception("channel request from %s failed", self.name)
+            self._refuse(rid, FdshipError(f"internal error: {e}"))
+            return
+        self.served += 1
+        self._write({"id": rid, "ok": reply})
+
+    def _refuse(self, rid: int | None, e: FdshipError) -> None:
+        if rid is None:
+            log.warning("bad frame on the channel from %s: %s", self.name, e)
+        self._write({"id": rid, "error": e.message, "status": e.status})
+
+    def _write(self, obj: Any) -> bool:
+        """Queue one frame; False (and the channel closed) when the transport refuses it."""
+        if self.closed_why:
+            return False
+        try:
+            res = self._send(json.dumps(obj, separators=(",", ":")))
+        except Exception as e:  # the transport closed between our check and the write
+            self.closed(f"write failed: {e}")
+            return False
+        if isinstance(res, asyncio.Future):
+            # Frames are queued in order by the transport; only a failure matters.
+            res.add_done_callback(self._write_done)
+        return True
+
+    def _write_done(self, fut: asyncio.Future[Any]) -> None:
+        if not fut.cancelled() and fut.exception() is not None:
+            self.closed(f"write failed: {fut.exception()}")
