@@ -149,6 +149,9 @@ class CenterChannel:
             req, ping_interval=self.PING, ping_timeout=3 * self.PING,
             max_message_size=P.CHANNEL_MAX_FRAME)
         self._conn = conn
+        # One small frame per message, each waited for by someone: Nagle's
+        # algorithm would hold a drain notice back until the last frame's ACK.
+        conn.protocol.set_nodelay(True)
         ep = Endpoint("the center", conn.write_message, self.handlers)
         self.endpoint = ep
         self.state = "connected"

@@ -1,0 +1,245 @@
+"""The control channel: the envelope (fdship.channel), the center's end, a daemon's end.
+
+A real center runs in the test's event loop (runner, REDO log, HTTP and
+WebSocket on a loopback port); the daemon's end is the real
+``CenterChannel``, or a bare WebSocket for frames no daemon would send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tornado.httpclient
+import tornado.websocket
+
+from fdship import protocol as P
+from fdship.center.client import CenterChannel
+from fdship.channel import Endpoint
+from fdship.errors import BadRequest, FdshipError, Unavailable
+from tests.center.conftest import InProcessCenter, center_in_process
+from tests.daemon.conftest import run
+
+TOKEN = "channel-test-token"
+
+
+async def raw_channel(c: InProcessCenter, host: str = "t1", token: str | None = TOKEN
+                      ) -> tornado.websocket.WebSocketClientConnection:
+    url = c.url.replace("http://", "ws://") + P.CENTER_CHANNEL + (f"?host={host}" if host else "")
+    headers = {"Authorization": "Bearer " + token} if token else {}
+    return await tornado.websocket.websocket_connect(
+        tornado.httpclient.HTTPRequest(url, headers=headers, request_timeout=10))
+
+
+async def until(cond: Any, what: str, limit: float = 10.0) -> None:
+    for _ in range(int(limit / 0.02)):
+        if cond():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def ask(conn: tornado.websocket.WebSocketClientConnection, frame: Any) -> Any:
+    conn.write_message(frame if isinstance(frame, str) else json.dumps(frame))
+    msg = await asyncio.wait_for(conn.read_message(), 10)
+    assert msg is not None, "the center closed the channel"
+    return json.loads(msg)
+
+
+# ---------------------------------------------------------------------- the center's end
+
+
+def test_the_channel_needs_the_token_and_a_host_name(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with center_in_process(tmp_path / "c", token=TOKEN) as c:
+            for token, host, status, words in ((None, "t1", 401, "missing or wrong token"),
+                                               ("wrong", "t1", 401, "missing or wrong token"),
+                                               (TOKEN, "", 400, "?host=NAME")):
+                with pytest.raises(tornado.httpclient.HTTPClientError) as ei:
+                    await raw_channel(c, host, token)
+                assert ei.value.code == status
+                body = ei.value.response.body if ei.value.response else b""
+                assert words in json.loads(body)["error"]
+            assert c.sample("fdship_control_channels") == 0
+    run(main())
+
+
+def test_bad_frames_get_an_error_reply_and_the_channel_stays_up(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with center_in_process(tmp_path / "c", token=TOKEN) as c:
+            conn = await raw_channel(c)
+            await until(lambda: c.sample("fdship_control_channels") == 1, "the channel")
+            r = await ask(conn, "{not json")
+            assert r["id"] is None and r["status"] == 400
+            assert "not valid JSON" in r["error"]
+            r = await ask(conn, {"op": "ack"})
+            assert r["id"] is None and "integer 'id'" in r["error"]
+            r = await ask(conn, {"id": 1, "op": "rm -rf", "body": {}})
+            assert r == {"id": 1, "status": 404, "error": r["error"]}
+            assert "unknown channel op 'rm -rf'" in r["error"] and "ack, draining" in r["error"]
+            r = await ask(conn, {"id": 2, "op": "ack", "body": {"host": "t1"}})
+            assert r["id"] == 2 and r["status"] == 400 and "acks" in r["error"]
+            # A daemon reports for itself only.
+            r = await ask(conn, {"id": 3, "op": "draining", "body": {
+                "host": "t2", "drains": [{"job": "J", "file": 0, "chunk": 0, "peer": "p"}]}})
+            assert r["id"] == 3 and r["status"] == 403 and "cannot report for t2" in r["error"]
+            # Well-formed, for a job that does not run: answered, changes nothing.
+            r = await ask(conn, {"id": 4, "op": "draining", "body": {
+                "host": "t1", "drains": [{"job": "J", "file": 0, "chunk": 0, "peer": "p"}]}})
+            assert r == {"id": 4, "ok": {"ok": True, "ignored": 1}}
+            r = await ask(conn, {"id": 5, "op": "ack", "body": {"host": "t1", "acks": [
+                {"job": "J", "file": 0, "chunk": 0, "peer": "p", "ok": True}]}})
+            assert r == {"id": 5, "ok": {"ok": True, "ignored": 1}}
+            assert c.runner.redo.lsn == 0  # nothing about a job that does not exist was logged
+            conn.close()
+            await until(lambda: c.sample("fdship_control_channels") == 0, "the channel to close")
+            assert "t1" not in c.runner.channels
+    run(main())
+
+
+def test_pulls_go_over_the_channel_and_over_http_once_it_is_gone(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with center_in_process(tmp_path / "c", token=TOKEN) as c:
+            got: list[Any] = []
+
+            async def pull(body: Any) -> Any:
+                got.append(body)
+                return {"accepted": len(body["fetches"])}
+
+            ch = CenterChannel(c.url, TOKEN, "t1", {"pull": pull})
+            ch.start()
+            try:
+                await until(lambda: ch.connected and "t1" in c.runner.channels, "the channel")
+                http: list[str] = []
+
+                async def by_http() -> Any:
+                    http.append("pull")
+                    return {"accepted": 0}
+
+                body = {"job": "J", "files": [], "fetches": [{"file": 0, "chunk": 1}]}
+                assert await c.runner._command("t1", "pull", body, by_http) == {"accepted": 1}
+                assert got == [body] and http == []
+                assert c.sample("fdship_commands_sent", transport="channel") == 1
+                # The daemon's end serves only what it was given.
+                with pytest.raises(BadRequest, match="unknown channel op 'pack'"):
+                    await c.runner._command("t1", "pack", {}, by_http)
+                # The daemon's calls: answered by the center.
+                assert await ch.call("draining", {"host": "t1", "drains": [
+                    {"job": "J", "file": 0, "chunk": 0, "peer": "p"}]}, 5) == \
+                    {"ok": True, "ignored": 1}
+            finally:
+                await ch.stop()
+            await until(lambda: "t1" not in c.runner.channels, "the center to see it close")
+            assert await c.runner._command("t1", "pull", body, by_http) == {"accepted": 0}
+            assert http == ["pull"] and len(got) == 1
+            assert c.sample("fdship_commands_sent", transport="http") == 1
+            with pytest.raises(Unavailable, match="no channel to the center"):
+                await ch.call("draining", {}, 1)
+    run(main())
+
+
+def test_a_new_channel_from_the_same_host_replaces_the_old(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with center_in_process(tmp_path / "c", token=TOKEN) as c:
+            first = await raw_channel(c)
+            await until(lambda: "t1" in c.runner.channels, "the first channel")
+            old = c.runner.channels["t1"]
+            second = await raw_channel(c)
+            await until(lambda: c.runner.channels.get("t1") is not old, "the second channel")
+            assert not old.open and "replaced" in old.closed_why
+            # The first one closing later does not take the second one with it.
+            first.close()
+            await asyncio.sleep(0.2)
+            assert c.runner.channels["t1"].open
+            second.close()
+            await until(lambda: "t1" not in c.runner.channels, "the second to close")
+    run(main())
+
+
+def test_a_center_without_the_token_refuses_and_the_daemon_keeps_using_http(
+        tmp_path: Path) -> None:
+    async def main() -> None:
+        async with center_in_process(tmp_path / "c", token=TOKEN) as c:
+            ch = CenterChannel(c.url, "not-the-token", "t1", {})
+            ch.RETRY_REFUSED = 0.05
+            ch.start()
+            try:
+                await until(lambda: ch.state == "refused", "the refusal")
+                assert "HTTP 401" in ch.last_error and not ch.connected
+                assert "t1" not in c.runner.channels
+            finally:
+                await ch.stop()
+    run(main())
+
+
+# ---------------------------------------------------------------------- the envelope
+
+
+class Pair:
+    """Two endpoints wired to each other through the event loop (no sockets)."""
+
+    def __init__(self, a_handlers: dict[str, Any], b_handlers: dict[str, Any]) -> None:
+        loop = asyncio.get_running_loop()
+        self.a = Endpoint("b", lambda m: loop.call_soon(self.b.received, m), a_handlers)
+        self.b = Endpoint("a", lambda m: loop.call_soon(self.a.received, m), b_handlers)
+
+
+def test_errors_come_back_as_the_same_errors_http_gives() -> None:
+    async def main() -> None:
+        async def conflict(body: Any) -> Any:
+            raise BadRequest("already staged elsewhere", status=409)
+
+        async def crash(body: Any) -> Any:
+            raise ZeroDivisionError("division by zero")
+
+        p = Pair({}, {"conflict": conflict, "crash": crash, "echo": lambda b: _echo(b)})
+        with pytest.raises(BadRequest, match="already staged elsewhere") as ei:
+            await p.a.call("conflict", {}, 5)
+        assert ei.value.status == 409
+        with pytest.raises(FdshipError, match="internal error: division by zero") as ej:
+            await p.a.call("crash", {}, 5)
+        assert ej.value.status == 500
+        assert await p.a.call("echo", {"x": [1, 2]}, 5) == {"x": [1, 2]}
+        assert p.a.calls == 3 and p.b.served == 1
+    run(main())
+
+
+async def _echo(body: Any) -> Any:
+    return body
+
+
+def test_calls_fail_over_when_no_reply_comes_or_the_channel_closes() -> None:
+    async def main() -> None:
+        never = asyncio.Event()
+
+        async def hang(body: Any) -> Any:
+            await never.wait()
+
+        p = Pair({}, {"hang": hang})
+        with pytest.raises(Unavailable, match="no reply to hang in 0.1 s"):
+            await p.a.call("hang", {}, 0.1)
+        waiting = asyncio.ensure_future(p.a.call("hang", {}, 30))
+        await asyncio.sleep(0.05)
+        p.a.closed("connection lost")
+        with pytest.raises(Unavailable, match="closed: connection lost"):
+            await waiting
+        with pytest.raises(Unavailable, match="is down: connection lost"):
+            await p.a.call("hang", {}, 1)
+        p.b.closed("test over")  # cancels the handlers still waiting
+        await asyncio.sleep(0)
+    run(main())
+
+
+def test_a_transport_that_refuses_a_write_closes_the_endpoint() -> None:
+    async def main() -> None:
+        def refuse(_: str) -> None:
+            raise tornado.websocket.WebSocketClosedError()
+
+        e = Endpoint("peer", refuse, {})
+        with pytest.raises(Unavailable, match="write failed"):
+            await e.call("ack", {}, 1)
+        assert not e.open
+    run(main())
