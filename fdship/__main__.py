@@ -60,7 +60,7 @@ def cmd_center(args: argparse.Namespace) -> int:
     from fdship.center.http import run_center
 
     cfg = C.load(C.CenterConfig, args)
-    asyncio.run(run_center(cfg))
+    C.loop_runner(cfg.event_loop)(run_center(cfg))  # type: ignore[misc]
     return 0
 
 
@@ -68,7 +68,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     from fdship.daemon.agent import run_daemon
 
     cfg = C.load(C.DaemonConfig, args)
-    asyncio.run(run_daemon(cfg))
+    C.loop_runner(cfg.event_loop)(run_daemon(cfg))  # type: ignore[misc]
     return 0
 
 

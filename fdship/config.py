@@ -194,6 +194,9 @@ class CenterConfig:
                                "its headers) this long is closed", parse_duration)
     body_timeout: float = _opt(60.0, "a request body that has not fully arrived this long after "
                                "its headers is dropped", parse_duration)
+    event_loop: str = _opt("auto", "asyncio event loop: uvloop (written in C: far less CPU per "
+                           "message and per read), asyncio (the standard library's), or auto "
+                           "(uvloop where it is installed)")
     config: str = _opt("", "TOML config file")
 
     def validate(self) -> None:
@@ -311,6 +314,9 @@ class DaemonConfig:
     fault_inject: str = _opt("", "TESTING ONLY: corrupt=P or drop=P makes served chunks bad "
                              "with probability P; needs allow_fault_injection", )
     allow_fault_injection: bool = _opt(False, "permit fault_inject (never in production)", _bool)
+    event_loop: str = _opt("auto", "asyncio event loop: uvloop (written in C: far less CPU per "
+                           "message and per read), asyncio (the standard library's), or auto "
+                           "(uvloop where it is installed)")
     config: str = _opt("", "TOML config file")
     # [hooks.NAME] tables in the TOML file: command = [...], timeout = 30, or url = "...".
     hooks: dict[str, Any] = field(default_factory=dict, metadata={"file_only": True})
@@ -377,6 +383,28 @@ def validate_transport(cfg: Any) -> None:
         raise ConfigError("max_body must be at least 64K")
     if cfg.idle_timeout <= 0 or cfg.body_timeout <= 0:
         raise ConfigError("idle_timeout and body_timeout must be positive")
+    if cfg.event_loop not in ("auto", "asyncio", "uvloop"):
+        raise ConfigError(f"event_loop must be auto, asyncio or uvloop, not {cfg.event_loop!r}")
+    if cfg.event_loop == "uvloop" and loop_runner("uvloop") is None:
+        raise ConfigError("event_loop is uvloop but uvloop is not installed; run: pip install "
+                          "uvloop, or set event_loop to auto or asyncio")
+
+
+def loop_runner(choice: str) -> Callable[[Any], Any] | None:
+    """The function that runs the process's main coroutine: ``uvloop.run`` or ``asyncio.run``.
+
+    None when ``choice`` is uvloop and uvloop cannot be imported.
+    """
+    if choice in ("auto", "uvloop"):
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                return None
+        else:
+            return uvloop.run  # type: ignore[no-any-return]
+    import asyncio
+    return asyncio.run
 
 
 def primary_address() -> str:

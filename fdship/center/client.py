@@ -73,7 +73,7 @@ class CenterChannel:
     rarely; nothing else changes, since everything also goes over HTTP.
     """
 
-    PING = 10.0  # seconds between pings; a center silent for 3 of them is gone
+    PING = 10.0  # seconds between pings; a center that does not answer one in as long is gone
     RETRY_MIN, RETRY_MAX, RETRY_REFUSED = 0.5, 10.0, 60.0
 
     def __init__(self, center_url: str, token: str, host: str,
@@ -146,7 +146,7 @@ class CenterChannel:
             self.url, headers=headers, connect_timeout=5, request_timeout=10,
             ssl_options=cluster_ssl_context() if self.url.startswith("wss://") else None)
         conn = await tornado.websocket.websocket_connect(
-            req, ping_interval=self.PING, ping_timeout=3 * self.PING,
+            req, ping_interval=self.PING, ping_timeout=self.PING,
             max_message_size=P.CHANNEL_MAX_FRAME)
         self._conn = conn
         # One small frame per message, each waited for by someone: Nagle's

@@ -378,7 +378,7 @@ def make_app(runner: Runner, token: str, metrics: CenterMetrics) -> tornado.web.
         # Control channels: a daemon that vanished without closing is found by
         # the missing pongs (its heartbeats stop too, and the center declares it
         # dead on its own schedule); a frame is at most a control message.
-        websocket_ping_interval=CHANNEL_PING, websocket_ping_timeout=3 * CHANNEL_PING,
+        websocket_ping_interval=CHANNEL_PING, websocket_ping_timeout=CHANNEL_PING,
         websocket_max_message_size=P.CHANNEL_MAX_FRAME)
 
 
