@@ -202,6 +202,20 @@ def test_center_refuses_a_bad_scheduling_value_with_one_line(tmp_path):
     assert not (tmp_path / "c").exists()  # refused before anything was created
 
 
+def test_event_loop_choice(tmp_path):
+    import asyncio
+
+    import uvloop
+
+    assert parse(C.DaemonConfig, ["--name", "n"]).event_loop == "auto"
+    assert C.loop_runner("auto") is uvloop.run  # installed with fdship
+    assert C.loop_runner("uvloop") is uvloop.run
+    assert C.loop_runner("asyncio") is asyncio.run
+    assert parse(C.CenterConfig, ["--event-loop", "asyncio"]).event_loop == "asyncio"
+    with pytest.raises(ConfigError, match="event_loop must be auto, asyncio or uvloop, not 'tokio'"):
+        parse(C.DaemonConfig, ["--name", "n", "--event-loop", "tokio"])
+
+
 def test_write_behind_is_on_unless_turned_off(tmp_path):
     assert parse(C.DaemonConfig, ["--name", "n"]).write_behind is True
     assert parse(C.DaemonConfig, ["--name", "n", "--write-behind", "off"]).write_behind is False

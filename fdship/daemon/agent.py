@@ -885,6 +885,7 @@ class StatusHandler(DaemonHandler):
                                      if d.channel.endpoint else 0}
                                     if d.channel is not None else {"state": "off"}),
                         "reports": dict(d.report_counts),
+                        "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
                         "delta": d.delta.stats.to_json(), "version": __version__})
 
 

@@ -28,6 +28,8 @@ def test_per_chunk_traffic_goes_over_the_channels_and_a_daemon_without_one_uses_
         c.wait_until(f"d{i}'s channel", lambda i=i: channel(c, i)["state"] == "connected",
                      timeout=20)
     assert channel(c, 3) == {"state": "off"}
+    # Installed with fdship, uvloop runs the daemons (event_loop = auto).
+    assert {c.status(i)["event_loop"] for i in range(4)} == {"uvloop"}
     m0 = c.center_metrics()
     assert m0["fdship_control_channels"] == 3
     path = str(tmp_path / "f.bin")
