@@ -127,9 +127,11 @@ class CenterChannel:
             except tornado.httpclient.HTTPClientError as e:
                 # Answered, but not upgraded: refused (token, an older center).
                 self.state = "refused"
-                self.last_error = f"center refused the channel: HTTP {e.code}"
-                log.warning("%s; acks and pulls go over HTTP (retrying in %.0f s)",
-                            self.last_error, self.RETRY_REFUSED)
+                why = f"center refused the channel: HTTP {e.code}"
+                if why != self.last_error:  # once, not every retry (an older center: 404)
+                    log.warning("%s; acks and pulls go over HTTP (retrying every %.0f s)",
+                                why, self.RETRY_REFUSED)
+                self.last_error = why
                 await asyncio.sleep(self.RETRY_REFUSED)
                 continue
             except (OSError, asyncio.TimeoutError, tornado.websocket.WebSocketError) as e:
