@@ -48,6 +48,28 @@ MAX_SERVING = 1024
 MAX_PENDING = 1024
 
 
+async def call_or_http(channel: Any, op: str, body: Any, timeout: float,
+                       http: Callable[[], Awaitable[Any]], counts: dict[str, int]) -> Any:
+    """Send ``op`` over ``channel`` while it is open, else (or when it fails) by ``http()``.
+
+    ``channel``: an :class:`Endpoint` or anything with ``open`` and ``call``
+    (None: HTTP).  A channel that fails mid-call (closed, no reply in time)
+    hands over to HTTP: every message it carries is one the other end takes
+    twice as a no-op, while dropping it would stall a chunk.  Errors the
+    other end answered with are raised as they are, as over HTTP.
+    ``counts["channel"]`` or ``counts["http"]`` counts the way it went.
+    """
+    if channel is not None and channel.open:
+        try:
+            res = await channel.call(op, body, timeout)
+            counts["channel"] += 1
+            return res
+        except Unavailable as e:
+            log.info("%s over the control channel failed (%s); sending it over HTTP", op, e)
+    counts["http"] += 1
+    return await http()
+
+
 def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 

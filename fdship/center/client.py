@@ -93,7 +93,8 @@ class CenterChannel:
         self._conn: tornado.websocket.WebSocketClientConnection | None = None
 
     @property
-    def connected(self) -> bool:
+    def open(self) -> bool:
+        """Whether the channel is up now (calls go over it)."""
         return self.endpoint is not None and self.endpoint.open
 
     def start(self) -> None:

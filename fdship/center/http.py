@@ -92,7 +92,7 @@ class CenterMetrics:
                               "transport (channel or http)", ["transport"], registry=r)
         for t in ("channel", "http"):
             self.commands.labels(transport=t).set_function(
-                lambda t=t: ref[0].stats[f"commands_by_{t}"] if ref else 0)
+                lambda t=t: ref[0].command_counts[t] if ref else 0)
         self.hb_age = Gauge("fdship_heartbeat_age_seconds", "Seconds since each daemon's last "
                             "heartbeat", ["host"], registry=r)
 

@@ -30,6 +30,7 @@ from typing import Any, Awaitable, Callable
 from fdship import protocol as P
 from fdship.center.redolog import RedoLog
 from fdship.center.schedules import run_schedule
+from fdship.channel import call_or_http
 from fdship.config import CenterConfig
 from fdship.core import views
 from fdship.core.actions import Action, AssignFetch, Commit, JobEnded, Pack
@@ -38,7 +39,7 @@ from fdship.core.events import (CallbackDelivered, CommandUndelivered, Event, Ho
 from fdship.core.scheduler import Scheduler, Tunables
 from fdship.core.schedules import RunSchedule
 from fdship.daemon.client import DaemonClient
-from fdship.errors import FdshipError, LogCorruptError, NotFound, Unavailable
+from fdship.errors import FdshipError, LogCorruptError, NotFound
 from fdship.httpclient import call, close_keep_alive, peer_url
 
 log = logging.getLogger("fdship.center")
@@ -179,8 +180,8 @@ class Runner:
             max_workers=1, thread_name_prefix="fdship-fsync")
         self._syncing: asyncio.Future[None] | None = None
         self.replayed = 0
-        self.stats = {"acks": 0, "nacks": 0, "pulls_sent": 0, "packs_sent": 0,
-                      "commands_by_channel": 0, "commands_by_http": 0}
+        self.stats = {"acks": 0, "nacks": 0, "pulls_sent": 0, "packs_sent": 0}
+        self.command_counts = {"channel": 0, "http": 0}  # pulls and packs, by transport
         # Daemons' control channels by host name (fdship.channel.Endpoint): pulls
         # and packs go over them while they are up, over HTTP otherwise.
         self.channels: dict[str, Any] = {}
@@ -431,23 +432,9 @@ class Runner:
 
     async def _command(self, host: str, op: str, body: dict[str, Any],
                        http: Callable[[], Awaitable[Any]]) -> Any:
-        """Send a pull or pack over the host's channel, or over HTTP when it has none.
-
-        A channel that fails (closed, or no reply in time) hands over to HTTP:
-        the daemon takes a repeated pull or pack as a no-op, so sending it
-        twice is safe, while dropping it would stall the chunk.
-        """
-        ch = self.channels.get(host)
-        if ch is not None and ch.open:
-            try:
-                res = await ch.call(op, body, COMMAND_TIMEOUT)
-                self.stats["commands_by_channel"] += 1
-                return res
-            except Unavailable as e:
-                log.info("host=%s %s over the channel failed (%s); sending it over HTTP",
-                         host, op, e)
-        self.stats["commands_by_http"] += 1
-        return await http()
+        """Send a pull or pack over the host's channel, or over HTTP when it has none."""
+        return await call_or_http(self.channels.get(host), op, body, COMMAND_TIMEOUT, http,
+                                  self.command_counts)
 
     async def _send_pull(self, a: AssignFetch) -> None:
         req = P.PullRequest(job=a.job, files=a.files, fetches=a.fetches)

@@ -45,6 +45,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from fdship import __version__
 from fdship import protocol as P
 from fdship.center.client import CenterChannel, CenterClient
+from fdship.channel import call_or_http
 from fdship.config import DaemonConfig, parse_hostport, read_token
 from fdship.daemon.arrivals import Arrival, Arrivals
 from fdship.daemon.delta import DeltaFetcher, DeltaHandler
@@ -328,19 +329,10 @@ class Daemon:
                       http: Callable[[], Awaitable[Any]], timeout: float = 30.0) -> Any:
         """Send an ack batch or drain notices: over the channel if it is up, else HTTP.
 
-        A channel that fails mid-call (closed, no answer) hands over to HTTP:
-        the center applies an ack it already has, or a stale notice, as a no-op.
+        The center applies an ack it already has, or a stale notice, as a
+        no-op, so one sent again over HTTP after a failed channel call is safe.
         """
-        ch = self.channel
-        if ch is not None and ch.connected:
-            try:
-                res = await ch.call(op, body, timeout)
-                self.report_counts["channel"] += 1
-                return res
-            except Unavailable as e:
-                log.info("%s over the control channel failed (%s); using HTTP", op, e)
-        self.report_counts["http"] += 1
-        return await http()
+        return await call_or_http(self.channel, op, body, timeout, http, self.report_counts)
 
     async def _channel_pull(self, body: Any) -> Any:
         return {"accepted": await self.pull(P.PullRequest.from_json(body))}

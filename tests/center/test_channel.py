@@ -112,7 +112,7 @@ def test_pulls_go_over_the_channel_and_over_http_once_it_is_gone(tmp_path: Path)
             ch = CenterChannel(c.url, TOKEN, "t1", {"pull": pull})
             ch.start()
             try:
-                await until(lambda: ch.connected and "t1" in c.runner.channels, "the channel")
+                await until(lambda: ch.open and "t1" in c.runner.channels, "the channel")
                 http: list[str] = []
 
                 async def by_http() -> Any:
@@ -168,7 +168,7 @@ def test_a_center_without_the_token_refuses_and_the_daemon_keeps_using_http(
             ch.start()
             try:
                 await until(lambda: ch.state == "refused", "the refusal")
-                assert "HTTP 401" in ch.last_error and not ch.connected
+                assert "HTTP 401" in ch.last_error and not ch.open
                 assert "t1" not in c.runner.channels
             finally:
                 await ch.stop()
