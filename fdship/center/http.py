@@ -314,7 +314,8 @@ class HostsHandler(CenterHandler):
         for h in self.runner.sched.hosts.values():
             if h.last_seen:
                 m.hb_age.labels(host=h.name).set(now - h.last_seen)
-        self.send_json(views.hosts_list(self.runner.sched, now))
+        self.send_json({"hosts": [self.runner.host_view(n, now)
+                                  for n in sorted(self.runner.sched.hosts)]})
 
 
 class EventsHandler(CenterHandler):

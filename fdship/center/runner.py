@@ -420,6 +420,13 @@ class Runner:
             elif isinstance(a, RunSchedule):
                 self._spawn(run_schedule(self, a))
 
+    def host_view(self, name: str, now: float) -> dict[str, Any]:
+        """A host as ``GET /center/hosts`` shows it, with whether its control channel is up."""
+        v = views.host_view(self.sched, name, now)
+        ch = self.channels.get(name)
+        v["channel"] = ch is not None and ch.open
+        return v
+
     def attach_channel(self, host: str, endpoint: Any) -> None:
         old = self.channels.get(host)
         self.channels[host] = endpoint
@@ -537,7 +544,7 @@ class Runner:
             # Heartbeats mark a host dirty every second; publish each at most every 2 s.
             if name in s.hosts and now - self._host_published.get(name, 0) >= 2.0:
                 self._host_published[name] = now
-                out.append(("host", views.host_view(s, name, now)))
+                out.append(("host", self.host_view(name, now)))
             elif name in s.hosts:
                 s.dirty_hosts.add(name)
         if len(self._published) > 200_000:

@@ -30,6 +30,9 @@ def test_per_chunk_traffic_goes_over_the_channels_and_a_daemon_without_one_uses_
     assert channel(c, 3) == {"state": "off"}
     # Installed with fdship, uvloop runs the daemons (event_loop = auto).
     assert {c.status(i)["event_loop"] for i in range(4)} == {"uvloop"}
+    hosts = c.hosts()
+    assert {n: h["channel"] for n, h in hosts.items()} == \
+        {"d0": True, "d1": True, "d2": True, "d3": False}
     m0 = c.center_metrics()
     assert m0["fdship_control_channels"] == 3
     path = str(tmp_path / "f.bin")
