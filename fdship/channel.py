@@ -82,9 +82,14 @@ class Endpoint:
     """
 
     def __init__(self, name: str, send: Callable[[str], Any],
-                 handlers: Mapping[str, Handler]) -> None:
+                 handlers: Mapping[str, Handler],
+                 close: Callable[[], Any] | None = None) -> None:
         self.name = name  # the peer, for messages
         self._send = send
+        # Closes the transport when this end gives up on it (replaced by a new
+        # channel): the peer then sees the close and falls back or reconnects
+        # at once, instead of waiting out its calls' timeouts.
+        self._close = close
         self._handlers = dict(handlers)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Any]] = {}
@@ -161,6 +166,11 @@ class Endpoint:
         self._pending.clear()
         for t in self._serving:
             t.cancel()
+        if self._close is not None:
+            try:
+                self._close()
+            except Exception:  # already closed: nothing more to do
+                pass
 
     # --- internals ---------------------------------------------------------------------------
 

@@ -234,7 +234,7 @@ class ChannelHandler(CenterHandler, tornado.websocket.WebSocketHandler):
 
         self.set_nodelay(True)  # one small frame per message: never wait to coalesce
         self.endpoint = Endpoint(f"daemon {self.host}", self.write_message,
-                                 {"ack": ack, "draining": draining})
+                                 {"ack": ack, "draining": draining}, close=self.close)
         runner.attach_channel(self.host, self.endpoint)
 
     def _same_host(self, host: str) -> None:

@@ -150,6 +150,8 @@ def test_a_new_channel_from_the_same_host_replaces_the_old(tmp_path: Path) -> No
             second = await raw_channel(c)
             await until(lambda: c.runner.channels.get("t1") is not old, "the second channel")
             assert not old.open and "replaced" in old.closed_why
+            # ...and the replaced connection is closed, so its daemon notices now.
+            assert await asyncio.wait_for(first.read_message(), 5) is None
             # The first one closing later does not take the second one with it.
             first.close()
             await asyncio.sleep(0.2)
