@@ -479,7 +479,9 @@ class Store:
     def close(self) -> None:
         """Close every cached fd (the files stay on disk)."""
         if self._writeback is not None:
-            self._writeback.shutdown(wait=True, cancel_futures=True)
+            # Drained, not cancelled: each queued item owns a dup'ed fd it closes
+            # (and starting writeback does not wait for the disk).
+            self._writeback.shutdown(wait=True)
             self._writeback = None
         with self._lock:
             for src in self._sources.values():
