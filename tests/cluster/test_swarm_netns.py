@@ -14,6 +14,7 @@ cannot be made.
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -55,6 +56,13 @@ def test_file_to_five_targets_over_shaped_links() -> None:
             load = hosts[f"h{i}"]["load"]
             assert {"cpu", "loadavg", "net_tx", "net_rx", "disk_busy", "uploads",
                     "downloads"} <= set(load), load
+        # The source's bytes served reach the center with its next heartbeat
+        # (every second), which may come after the job's end: wait for it.
+        deadline = time.monotonic() + 10
+        while hosts["h0"]["load"]["bytes_served"] < size and time.monotonic() < deadline:
+            time.sleep(0.2)
+            hosts = {h["name"]: h for h in
+                     sw.request("GET", sw.center_url + "/center/hosts")["hosts"]}
         assert hosts["h0"]["load"]["bytes_served"] >= size
 
 
