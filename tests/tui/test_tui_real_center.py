@@ -146,8 +146,13 @@ def test_tui_rides_out_a_center_kill_and_follows_the_restarted_center(
             # old ?since= would hide every new event until its ids caught up.
             assert app.source.stream_paths[-1] == "/center/events"
             t = table(app, "#jobs")
-            await wait_until(pilot, lambda: before["job"] in t.keys, what="replayed job")
-            assert t.cell_text(before["job"], "state") == "failed"
+            assert before["state"] == "failed", before
+            # The row may still be the one drawn before the kill (the job's last
+            # event can be lost with the center): wait for the restarted
+            # center's replayed state to reach it.
+            await wait_until(pilot, lambda: before["job"] in t.keys and
+                             t.cell_text(before["job"], "state") == "failed",
+                             what="the replayed job, failed")
             after = await asyncio.to_thread(cluster.submit, [second], TARGETS)
             assert after["state"] == "failed", after
             await check_failed_job_on_screen(pilot, after["job"])
