@@ -35,6 +35,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from fdship import protocol as P
 from fdship.errors import BadRequest, FdshipError, ProtocolError, Unavailable
 
 log = logging.getLogger("fdship.channel")
@@ -68,10 +69,6 @@ async def call_or_http(channel: Any, op: str, body: Any, timeout: float,
             log.info("%s over the control channel failed (%s); sending it over HTTP", op, e)
     counts["http"] += 1
     return await http()
-
-
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
 
 
 class Endpoint:
@@ -130,7 +127,7 @@ class Endpoint:
     def received(self, text: str | bytes) -> None:
         """Handle one incoming frame (never raises)."""
         try:
-            msg = json.loads(text, parse_constant=_no_constants)
+            msg = P.loads(text)
         except (ValueError, UnicodeDecodeError, RecursionError) as e:
             self._refuse(None, ProtocolError(f"channel frame is not valid JSON: {e}"))
             return

@@ -12,11 +12,24 @@ and the tests can all use it.  Message bodies are documented in
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Sequence, TypeVar
 
 from fdship.errors import ProtocolError
+
+
+def _no_constants(name: str) -> Any:
+    # Python's json accepts NaN and Infinity; JSON does not, and a number that is
+    # not finite would end up in the center's state and answers.
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def loads(raw: str | bytes) -> Any:
+    """Parse JSON as every fdship endpoint does: NaN and Infinity are refused (ValueError)."""
+    return json.loads(raw, parse_constant=_no_constants)
+
 
 # --- paths ------------------------------------------------------------------
 

@@ -28,18 +28,13 @@ import tornado.httpserver
 import tornado.web
 from tornado import httputil
 
+from fdship import protocol as P
 from fdship.errors import BadRequest, ConfigError, FdshipError, ProtocolError, Unauthorized
 
 log = logging.getLogger("fdship.web")
 T = TypeVar("T")
 
 MAX_JSON_BODY = 64 * 1024 * 1024  # a job manifest of 10k files fits comfortably
-
-
-def _no_constants(name: str) -> Any:
-    # Python's json accepts NaN and Infinity; JSON does not, and a number that is
-    # not finite would end up in the center's state and answers.
-    raise ValueError(f"{name} is not a JSON number")
 
 
 class BaseHandler(tornado.web.RequestHandler):
@@ -66,7 +61,7 @@ class BaseHandler(tornado.web.RequestHandler):
         if not body:
             raise ProtocolError("request body is empty: send a JSON object")
         try:
-            return json.loads(body, parse_constant=_no_constants)
+            return P.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
             raise ProtocolError(f"request body is not valid JSON: {e}") from None
         except RecursionError:
