@@ -49,6 +49,11 @@ MAX_SERVING = 1024
 MAX_PENDING = 1024
 
 
+def close_reason(reason: str | None, code: int | None) -> str:
+    """Why a WebSocket closed, as the peer said it, for logs and the waiting calls' errors."""
+    return reason or (f"code {code}" if code else "connection lost")
+
+
 async def call_or_http(channel: Any, op: str, body: Any, timeout: float,
                        http: Callable[[], Awaitable[Any]], counts: dict[str, int]) -> Any:
     """Send ``op`` over ``channel`` while it is open, else (or when it fails) by ``http()``.

@@ -19,7 +19,7 @@ import tornado.httpclient
 import tornado.websocket
 
 from fdship import protocol as P
-from fdship.channel import Endpoint, Handler
+from fdship.channel import Endpoint, Handler, close_reason
 from fdship.errors import Unavailable
 from fdship.httpclient import JsonClient, cluster_ssl_context
 
@@ -167,8 +167,7 @@ class CenterChannel:
                     break
                 ep.received(msg)
         finally:
-            reason = conn.close_reason or (f"code {conn.close_code}" if conn.close_code
-                                           else "connection lost")
+            reason = close_reason(conn.close_reason, conn.close_code)
             ep.closed(reason)
             conn.close()
             self._conn = None

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from fdship import __version__
 from fdship import protocol as P
 from fdship.center.runner import Runner
-from fdship.channel import Endpoint
+from fdship.channel import Endpoint, close_reason
 from fdship.center.schedules import routes as schedule_routes
 from fdship.config import CenterConfig, parse_hostport, read_token
 from fdship.core import views
@@ -163,10 +163,6 @@ class CenterHandler(BaseHandler):
     def runner(self) -> Runner:
         return self.settings["fdship_runner"]  # type: ignore[no-any-return]
 
-    def concerns_running_job(self, job: str, host: str, file: int,
-                             chunk: int | None = None) -> bool:
-        return concerns_running_job(self.runner, job, host, file, chunk)
-
 
 class JobHandler(CenterHandler):
     async def post(self) -> None:
@@ -248,16 +244,14 @@ class ChannelHandler(CenterHandler, tornado.websocket.WebSocketHandler):
 
     def on_close(self) -> None:
         if self.endpoint is not None:
-            reason = self.close_reason or (f"code {self.close_code}" if self.close_code
-                                           else "connection lost")
-            self.endpoint.closed(reason)
+            self.endpoint.closed(close_reason(self.close_reason, self.close_code))
             self.runner.detach_channel(self.host, self.endpoint)
 
 
 class FinHandler(CenterHandler):
     async def post(self) -> None:
         fin = self.parse(P.Fin.from_json)
-        if not self.concerns_running_job(fin.job, fin.host, fin.file):
+        if not concerns_running_job(self.runner, fin.job, fin.host, fin.file):
             self.send_json({"ok": True, "ignored": 1})
             return
         if fin.file == -1:
