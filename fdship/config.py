@@ -428,12 +428,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         kw: dict[str, Any] = {"dest": f.name, "default": None, "help": f.metadata.get("help", "")}
         if f.metadata.get("multiple"):
             kw["action"] = "append"
-        if (f.type in ("bool", bool) or f.metadata.get("parse") is _bool) and \
-                f.default is not True:
-            kw["action"] = "store_const"
-            kw["const"] = True
-        elif f.default is True:
-            kw["metavar"] = "on|off"  # on by default: the flag must be able to say off
+        if f.type in ("bool", bool) or f.metadata.get("parse") is _bool:
+            if f.default is True:
+                kw["metavar"] = "on|off"  # on by default: the flag must be able to say off
+            else:
+                kw["action"] = "store_const"
+                kw["const"] = True
         parser.add_argument(flag, **kw)
 
 

@@ -130,7 +130,3 @@ def host_view(s: Scheduler, name: str, now: float) -> dict[str, Any]:
                  "slow": s._slow(h)},
         "free": dict(h.free), "hooks": list(h.hooks), "version": h.version,
     }
-
-
-def hosts_list(s: Scheduler, now: float) -> dict[str, Any]:
-    return {"hosts": [host_view(s, n, now) for n in sorted(s.hosts)]}

@@ -111,7 +111,7 @@ def test_host_serves_again_once_its_bidder_calms_down_and_hosts_view_shows_it():
     run(s, beat("h1", app_cpu=3.0), T0 + 2)
     assert placement.upload_slots(h1, h1.max_uploads, s.fleet_cpu) == h1.max_uploads
     assert "h1" in s.free_up
-    assert views.hosts_list(s, T0 + 2)["hosts"][1]["load"]["app_cpu"] == 3.0
+    assert views.host_view(s, "h1", T0 + 2)["load"]["app_cpu"] == 3.0
 
 
 def test_each_host_judges_its_app_on_the_scale_its_daemon_reports():
