@@ -399,6 +399,16 @@ def _link(h: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return link if isinstance(link, Mapping) else None
 
 
+def _is_busy(h: Mapping[str, Any]) -> bool:
+    b = _busyness(h)
+    return b is not None and b >= BUSY_AT
+
+
+def _is_slow(h: Mapping[str, Any]) -> bool:
+    link = _link(h)
+    return link is not None and link.get("slow") is True
+
+
 def _link_speed(link: Mapping[str, Any], key: str) -> str:
     """One direction of a learned link: '9.35M' (bytes/s), '?' while unknown (0)."""
     rate = _num(link, key)
@@ -427,9 +437,9 @@ def host_row(h: Mapping[str, Any], history: HostHistory | None, now: float,
     app = _num(load, "app_cpu")
     app_busy = _num(load, "app_cpu_busy")
     busy = _busyness(h) if alive else None
-    is_busy = busy is not None and busy >= BUSY_AT
+    is_busy = alive and _is_busy(h)
     link = _link(h) if alive else None
-    slow = link is not None and link.get("slow") is True
+    slow = alive and _is_slow(h)
     if link is None:
         link_text, link_severity = "-", IDLE
     else:
@@ -773,8 +783,8 @@ class ClusterView:
         live = [h for h in self.hosts.values() if h.get("alive")]
         alive = len(live)
         # Why live hosts get less work: busy (fewer uploads) or a slow link.
-        busy = sum(1 for h in live if (b := _busyness(h)) is not None and b >= BUSY_AT)
-        slow = sum(1 for h in live if (ln := _link(h)) is not None and ln.get("slow") is True)
+        busy = sum(1 for h in live if _is_busy(h))
+        slow = sum(1 for h in live if _is_slow(h))
         return {"jobs": len(self.jobs), "running": running, "failed": failed,
                 "hosts": len(self.hosts), "alive": alive, "dead": len(self.hosts) - alive,
                 "busy": busy, "slow": slow}
