@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -24,7 +25,33 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def _ephemeral_low() -> int:
+    """The first port of the kernel's range for outgoing connections' local ports."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port() -> int:
+    """A port on 127.0.0.1 that is free now, for a process to listen on soon.
+
+    Picked below the kernel's ephemeral range where it can be.  A port from
+    that range, once released here, can be taken as the local port of any
+    outgoing connection (the cluster's own first heartbeats and channels
+    among them) before the process meant to listen on it starts, which then
+    fails with "Address already in use".
+    """
+    low = _ephemeral_low()
+    if low > 11024:
+        for _ in range(200):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", random.randrange(10000, low)))
+                except OSError:
+                    continue  # taken: try another
+                return int(s.getsockname()[1])
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
