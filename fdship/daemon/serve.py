@@ -72,6 +72,7 @@ class ServeStats:
 
     bytes_served: int = 0
     chunks_served: int = 0
+    send_waits: int = 0  # sendfile found the socket full and waited to write again
     uploads_in_flight: int = 0
     not_found: int = 0
     aborted: int = 0  # the peer went away, stalled past the timeout, or a fault dropped it
@@ -351,6 +352,7 @@ class DownloadHandler(BaseHandler):
             try:
                 n = os.sendfile(sfd, fd, offset + sent, count - sent)
             except (BlockingIOError, InterruptedError):
+                self.stats.send_waits += 1
                 fut = loop.create_future()
                 self._send_fut = fut
                 loop.add_writer(sfd, _wake, fut)

@@ -102,6 +102,7 @@ def fdship_run(sw: NetnsSwarm, src: str, size: int, targets: int, rate: float,
     dest = f"/bench{run}"
     e0, c0, own0 = sw.egress(0), cpu_times(), own_cpu(swarm_pids(sw))
     served0 = sw.status(0)["bytes_served"]
+    wake0 = _wakeups(sw, targets)
     sampler = LinkSampler(sw.hosts[1:]).start()
     res, wall = sw.ship(src, range(1, targets + 1), dest=dest)
     sampler.stop()
@@ -115,6 +116,7 @@ def fdship_run(sw: NetnsSwarm, src: str, size: int, targets: int, rate: float,
             raise RuntimeError(f"h{i} got different bytes")
         os.unlink(landed)  # keep the disk use of a long benchmark bounded
     idle = [sampler.idle_seconds(k, rate) for k in range(targets)]
+    rx, tx = (a - b for a, b in zip(_wakeups(sw, targets), wake0))
     bound = size / rate
     return {"tool": "fdship", "variant": variant, "chunk": chunk,
             "target_ratio": target_ratio(targets, size, chunk),
@@ -123,7 +125,20 @@ def fdship_run(sw: NetnsSwarm, src: str, size: int, targets: int, rate: float,
             "bound_s": bound, "ratio": wall / bound, "egress_ratio": egress / size,
             "served_ratio": (sw.status(0)["bytes_served"] - served0) / size,
             "idle_mean_s": statistics.mean(idle), "idle_max_s": max(idle), "cpu_busy": busy,
-            "own_cores": own / wall}
+            "own_cores": own / wall,
+            # Event-loop wake-ups per MiB delivered to the targets, all hosts summed.
+            "rx_wakeups_per_mib": rx / (targets * size / MiB),
+            "tx_wakeups_per_mib": tx / (targets * size / MiB)}
+
+
+def _wakeups(sw: NetnsSwarm, targets: int) -> tuple[int, int]:
+    """(receive, send) data wake-ups summed over the source and the targets."""
+    rx = tx = 0
+    for i in range(targets + 1):
+        w = sw.status(i).get("data_wakeups", {})
+        rx += w.get("receive", 0)
+        tx += w.get("send", 0)
+    return rx, tx
 
 
 def rsync_run(sw: NetnsSwarm, ssh: Any, src: str, size: int, targets: int,
@@ -228,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"S/B (target {res['target_ratio']:.2f}), egress "
                           f"{res['egress_ratio']:.2f} x, idle mean {res['idle_mean_s']:.1f} s, "
                           f"{res['own_cores']:.2f} cores, machine CPU "
-                          f"{100 * res['cpu_busy']:.0f}%", flush=True)
+                          f"{100 * res['cpu_busy']:.0f}%, wake-ups per MiB "
+                          f"{res['rx_wakeups_per_mib']:.1f} rx / {res['tx_wakeups_per_mib']:.1f} tx",
+                          flush=True)
                     runs.append(res)
                     time.sleep(3)  # let the daemons drop the finished job's staging
                 every += runs
