@@ -291,11 +291,6 @@ class DaemonConfig:
                              "bytes are due within this many seconds, so the next chunk starts "
                              "flowing a round trip earlier; 0 turns the notices off",
                              parse_duration)
-    read_batch: int = _opt(64 * 1024, "a chunk fetch's socket wakes the daemon once this many "
-                           "bytes (or the rest of the chunk) are in, not for every few "
-                           "kilobytes a slow link delivers (SO_RCVLOWAT; plain TCP only): "
-                           "far fewer event-loop turns per chunk. 0: wake on every arrival",
-                           parse_size)
     control_channel: bool = _opt(True, "send acks and drain notices, and take pulls, over one "
                                  "WebSocket to the center (far less CPU per chunk than a "
                                  "request each); HTTP whenever it is down. off: HTTP only",
@@ -338,9 +333,6 @@ class DaemonConfig:
         if self.connect_timeout <= 0 or self.fetch_stall_timeout <= 0:
             raise ConfigError("connect_timeout and fetch_stall_timeout must be positive "
                               "(seconds, e.g. 1s and 10s)")
-        if not 0 <= self.read_batch <= 1024 * 1024:
-            raise ConfigError(f"read_batch must be between 0 (off) and 1M, got "
-                              f"{self.read_batch}; the default is 64K")
         if not 0 <= self.fetch_lead <= 10:
             raise ConfigError(f"fetch_lead must be between 0 (no notices) and 10 seconds, got "
                               f"{self.fetch_lead:g}; the default is 0.05 (50 ms)")

@@ -163,8 +163,7 @@ class Daemon:
         self.pool = PeerPool(token=token, limiter=self.down_limiter,
                              ssl=cluster_ssl_context() if cfg.tls_cert else None,
                              connect_timeout=cfg.connect_timeout,
-                             stall_timeout=cfg.fetch_stall_timeout, drain_lead=cfg.fetch_lead,
-                             read_batch=cfg.read_batch)
+                             stall_timeout=cfg.fetch_stall_timeout, drain_lead=cfg.fetch_lead)
         self.serve_stats = ServeStats()
         # Ship only what changed: chunks the old copy at the destination still holds.
         self.delta = DeltaFetcher(token=token, limiter=self.down_limiter,

@@ -33,14 +33,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import fcntl
 import json
 import logging
 import os
 import socket
 import ssl as ssl_module
-import sys
-import termios
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import quote
@@ -156,8 +153,6 @@ class _Conn(asyncio.BufferedProtocol):
         self.req: _Request | None = None
         self._paused = False
         self.idle_since = 0.0  # loop time it went back to the pool
-        self._sock: socket.socket | None = None  # set while read batching applies
-        self._lowat = 1  # the socket's SO_RCVLOWAT as last set
 
     def alive(self) -> bool:
         return not self.lost and self.transport is not None and not self.transport.is_closing()
@@ -171,12 +166,6 @@ class _Conn(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            # Not under TLS: the low-water mark counts bytes on the wire, and
-            # part of the record that holds the body's last bytes may already
-            # sit inside the TLS layer, so a mark set from the plaintext still
-            # to come could wait for bytes that never arrive.
-            if self.pool.read_batch > 1 and self.pool.ssl is None:
-                self._sock = sock
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._buf
@@ -219,8 +208,6 @@ class _Conn(asyncio.BufferedProtocol):
         """Write ``request`` and start watching for a stalled peer."""
         assert self.transport is not None
         self.req = req
-        # Any size of reply must wake us, an error's few bytes included.
-        self._read_batch(1)
         req.t_sent = self._loop.time()
         self.transport.write(request)
         stall = self.pool.stall_timeout
@@ -246,49 +233,10 @@ class _Conn(asyncio.BufferedProtocol):
         if now - req.last_rx < stall:
             req.stall_handle = self._loop.call_at(req.last_rx + stall, self._check_stall, req)
             return
-        if self._held_back():
-            # Bytes came, below the read batch's mark: a slow peer, not a
-            # silent one.  Take them as they come from now on.
-            self._read_batch(1)
-            req.last_rx = now
-            req.stall_handle = self._loop.call_at(now + stall, self._check_stall, req)
-            return
         where = f"after {req.pos} of {req.size} body bytes" if req.in_body else \
             "before a complete response"
         self._fail(req, FetchError(FAIL_TIMEOUT, f"peer {self.peer} sent no byte for "
                                    f"{stall:g} s ({where}); giving the chunk back"))
-
-    def _held_back(self) -> bool:
-        """Whether the socket holds bytes we were not woken for (read batching)."""
-        if self._sock is None or self._lowat <= 1:
-            return False
-        try:
-            queued = fcntl.ioctl(self._sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
-        except OSError:
-            return False
-        return int.from_bytes(queued, sys.byteorder) > 0
-
-    def _read_batch(self, left: int) -> None:
-        """Have the kernel wake us once ``read_batch`` bytes, or all ``left``, are in.
-
-        A shaped or busy link hands the body over a few kilobytes at a time,
-        and each wake-up costs an event-loop turn, a hash update, a pwrite and
-        the progress and drain checks, whatever its size: at 80 Mbit/s that
-        was ~100 wake-ups per MiB.  ``SO_RCVLOWAT`` lets the kernel gather the
-        bytes first.  Never above what is left, or the last bytes would wait;
-        the kernel still wakes us early on EOF, an error, or a receive window
-        about to close, so a mark can delay bytes but never strand them.
-        """
-        if self._sock is None:
-            return
-        want = max(1, min(self.pool.read_batch, left))
-        if want != self._lowat:
-            try:
-                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
-            except OSError:
-                self._sock = None  # not supported here: read as bytes come
-                return
-            self._lowat = want
 
     def close(self) -> None:
         self.lost = True
@@ -386,8 +334,6 @@ class _Conn(asyncio.BufferedProtocol):
             req.in_body = True
             if req.size == 0:
                 self._complete(req)
-            else:
-                self._read_batch(req.size - req.pos)
         else:
             req.keep_alive = False
             req.error_len = min(length if length >= 0 else MAX_ERROR_BODY, MAX_ERROR_BODY)
@@ -421,8 +367,6 @@ class _Conn(asyncio.BufferedProtocol):
             off += w
         req.pos += n
         self.pool.stats.bytes_received += n
-        if req.size - req.pos < self._lowat:
-            self._read_batch(req.size - req.pos)
         if req.on_progress is not None:
             self._progress(req)
         if req.on_drain is not None and req.pos < req.size:
@@ -479,12 +423,8 @@ class PeerPool:
                  limiter: RateLimiter | None = None, max_idle_per_peer: int = 4,
                  max_idle: int = 64, ssl: ssl_module.SSLContext | None = None,
                  stall_timeout: float = 10.0, drain_lead: float = 0.0,
-                 max_idle_age: float = 60.0, connect_stagger: float = 0.25,
-                 read_batch: int = 0) -> None:
+                 max_idle_age: float = 60.0, connect_stagger: float = 0.25) -> None:
         self.token = token
-        # Bytes the kernel gathers before waking a fetch (SO_RCVLOWAT, plain
-        # TCP only); 0 or 1: wake on every arrival.
-        self.read_batch = read_batch
         # A connection attempt unanswered this long gets a second one beside
         # it (then a third...), the first to complete wins: a SYN or SYN-ACK
         # dropped by a full queue otherwise costs the kernel's 1 s SYN

@@ -264,6 +264,12 @@ def test_a_chunk_is_served_on_while_it_arrives(store_factory: StoreFactory,
             wb = [ln for ln in r.body.decode().splitlines()
                   if ln.startswith("fdship_writeback_bytes_total ")]
             assert len(wb) == 1 and float(wb[0].split()[1]) == cs, wb
+            # The capped upstream delivered the chunk over many socket reads.
+            reads = d.pool.stats.reads
+            assert reads >= 4 and st["data_wakeups"] == {
+                "receive": reads, "send": d.serve_stats.send_waits}, st["data_wakeups"]
+            assert f'fdship_data_wakeups_total{{direction="receive"}} {float(reads)}' in \
+                r.body.decode()
             # Now held verified: served as ever, and not counted as streamed.
             again = Downstream(tmp_path, "b", cs)
             try:
