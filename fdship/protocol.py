@@ -660,10 +660,16 @@ class Heartbeat:
     # a chunk it is fetching.  False from daemons that predate it: during a
     # rolling upgrade the center names them only for chunks they hold.
     streams: bool = False
+    # The daemon's own rate caps (upload_rate / download_rate), bytes/s; 0: none.
+    # A cap bounds the center's estimate of that link from the first chunk,
+    # before any transfer has measured it.  Absent (0) from older daemons.
+    upload_rate: int = 0
+    download_rate: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "address": self.address, "boot_id": self.boot_id,
-                "streams": self.streams,
+                "streams": self.streams, "upload_rate": self.upload_rate,
+                "download_rate": self.download_rate,
                 "labels": list(self.labels), "load": self.load.to_json(), "free": dict(self.free),
                 "allow_dest": list(self.allow_dest), "hooks": list(self.hooks),
                 "max_uploads": self.max_uploads, "max_downloads": self.max_downloads,
@@ -693,6 +699,8 @@ class Heartbeat:
                    max_downloads=max(1, _nonneg(d, "max_downloads", "heartbeat", 4)),
                    version=_get(d, "version", str, "heartbeat", ""),
                    streams=_get(d, "streams", bool, "heartbeat", False),
+                   upload_rate=_nonneg(d, "upload_rate", "heartbeat", 0),
+                   download_rate=_nonneg(d, "download_rate", "heartbeat", 0),
                    inventory=None if inv is None else tuple(Holding.from_json(h) for h in inv))
 
 

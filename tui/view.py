@@ -281,6 +281,7 @@ class HostRow:
     slow: bool  # the scheduler treats the host as slow
     link_severity: str  # BUSY when slow, OK when known, IDLE when unknown
     steering: str  # what busy or slow costs the host, for the detail panel; else ''
+    caps: str = ""  # the daemon's rate caps, for the detail panel; '' without any
 
 
 @dataclass(frozen=True)
@@ -417,6 +418,25 @@ def _link_speed(link: Mapping[str, Any], key: str) -> str:
     return human_rate(rate, short=True) if rate is not None and rate > 0 else "?"
 
 
+def _link_caps(link: Mapping[str, Any]) -> str:
+    """The daemon's own rate caps, for the panel: '' without any, else e.g.
+    'caps ↑- ↓1.00M (↓ not measured: the cap is the estimate)'."""
+    caps = {d: _num(link, f"{d}_cap") for d in ("up", "down")}
+    if not any(c is not None and c > 0 for c in caps.values()):
+        return ""
+    text = "caps " + " ".join(
+        f"{arrow}{human_rate(c, short=True) if c is not None and c > 0 else '-'}"
+        for arrow, c in (("↑", caps["up"]), ("↓", caps["down"])))
+    measured = link.get("measured")
+    if isinstance(measured, Mapping):
+        # Centers from before caps were reported send no 'measured'.
+        guessed = [arrow for arrow, d in (("↑", "up"), ("↓", "down"))
+                   if measured.get(d) is False and (caps[d] or 0) > 0]
+        if guessed:
+            text += f" ({' '.join(guessed)} not measured: the cap is the estimate)"
+    return text
+
+
 def host_row(h: Mapping[str, Any], history: HostHistory | None, now: float,
              spark_width: int = 12) -> HostRow:
     """A host entry of ``GET /center/hosts`` (or a ``host`` event) -> a row."""
@@ -472,6 +492,7 @@ def host_row(h: Mapping[str, Any], history: HostHistory | None, now: float,
         slow=slow,
         link_severity=link_severity,
         steering="; ".join(([_BUSY_MEANS] if is_busy else []) + ([_SLOW_MEANS] if slow else [])),
+        caps=_link_caps(link) if link is not None else "",
     )
 
 

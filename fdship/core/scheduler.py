@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import random
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -175,6 +176,13 @@ class HostState:
     # itself (``_observe``), so a lower bound.
     up_rate: float = 0.0
     down_rate: float = 0.0
+    # The daemon's own rate caps (its heartbeat; 0: none).  Until a transfer
+    # measures a capped end, its estimate is the cap (``seeded``); after, the
+    # cap still bounds it.  See ``_cap_links``.
+    up_cap: float = 0.0
+    down_cap: float = 0.0
+    up_seeded: bool = False
+    down_seeded: bool = False
     # Fractions of the uplink and downlink the assigned transfers are expected to use.
     up_load: float = 0.0
     down_load: float = 0.0
@@ -280,6 +288,7 @@ class Scheduler:
         self.fleet_cpu = 0.0
         # The downlink of the fleet's fast hosts (bytes/s), as measured.
         self.ref_rate = 0.0
+        self._cap_ref: float | None = None  # _fast_rate's answer from caps alone
         self._now = 0.0
         self.pending_beats: dict[str, Any] = {}
         self.dirty_jobs: set[str] = set()
@@ -579,6 +588,7 @@ class Scheduler:
         h.free, h.allow_dest, h.hooks = dict(b.free), tuple(b.allow_dest), tuple(b.hooks)
         h.max_uploads, h.max_downloads, h.version = b.max_uploads, b.max_downloads, b.version
         h.streams = b.streams
+        self._cap_links(h, b.upload_rate, b.download_rate)
         # A moving average over beats weighs hosts about equally whatever their number.
         self.fleet_cpu += (ld.cpu - self.fleet_cpu) * min(1.0, 2.0 / max(1, len(self.hosts)))
         self._upd_free(h)
@@ -912,10 +922,10 @@ class Scheduler:
         up_known = peer.up_rate if peer is not None else 0.0
         if peer is not None and up_alone and (rate >= 0.8 * self.ref_rate or
                                               (both and down_known >= 1.5 * rate)):
-            peer.up_rate = max(rate, 0.95 * peer.up_rate)
+            self._learn(peer, "up", rate)
         if t is not None and down_alone and (rate >= 0.8 * self.ref_rate or
                                              (both and up_known >= 1.5 * rate)):
-            t.down_rate = max(rate, 0.95 * t.down_rate)
+            self._learn(t, "down", rate)
         elif (peer is not None and up_alone and down_alone and up_known <= 0
               and down_known <= 0 and rate < SLOWER * self.ref_rate):
             # Slow with each link to itself, and neither end known: one of
@@ -927,9 +937,55 @@ class Scheduler:
             # those marked fast peers slow by the dozen at 500 hosts.)
             peer.up_rate = rate
 
+    def _cap_links(self, h: HostState, up_cap: float, down_cap: float) -> None:
+        """Take a host's reported rate caps into its link estimates.
+
+        A cap is the operator's word that the link will carry no more: an
+        unmeasured end starts at its cap (so a capped target is not made the
+        first copy or a relay for fast ones before its first chunk shows how
+        slow it is), and a measured one never counts above it.  The first
+        real sample replaces a seeded estimate outright, since the link may
+        be slower than its cap.  A cap lifted takes its seed with it.
+        """
+        if (up_cap, down_cap) != (h.up_cap, h.down_cap):
+            self._cap_ref = None
+        for end, cap in (("up", up_cap), ("down", down_cap)):
+            rate, seeded = getattr(h, f"{end}_rate"), getattr(h, f"{end}_seeded")
+            if cap > 0 and (rate <= 0 or rate > cap or seeded):
+                rate, seeded = cap, True
+            elif cap <= 0 and seeded:
+                rate, seeded = 0.0, False
+            setattr(h, f"{end}_rate", rate)
+            setattr(h, f"{end}_seeded", seeded)
+            setattr(h, f"{end}_cap", cap)
+
+    def _learn(self, h: HostState, end: str, rate: float) -> None:
+        """Fold an accepted sample into ``h``'s ``end`` ('up'/'down') estimate."""
+        cap = getattr(h, f"{end}_cap")
+        if getattr(h, f"{end}_seeded"):
+            new = rate  # a measurement beats the cap's guess
+            setattr(h, f"{end}_seeded", False)
+        else:
+            new = max(rate, 0.95 * getattr(h, f"{end}_rate"))
+        setattr(h, f"{end}_rate", min(new, cap) if cap > 0 else new)
+
+    def _fast_rate(self) -> float:
+        """The rate against which a link counts as slow: the fleet's fastest
+        measured transfer; before any, unbounded while some host has no cap (a
+        capped host is then the slower kind), else the highest cap."""
+        if self.ref_rate > 0:
+            return self.ref_rate
+        if self._cap_ref is None:  # hosts' caps changed since last asked
+            caps = [c for h in self.hosts.values() for c in (h.up_cap, h.down_cap)]
+            self._cap_ref = 0.0 if not caps else math.inf if min(caps) <= 0 else max(caps)
+        return self._cap_ref
+
+    def _is_slow(self, rate: float) -> bool:
+        return 0 < rate < SLOWER * self._fast_rate()
+
     def _slow(self, t: HostState) -> bool:
         """A target whose downlink is well below the fleet's fast ones."""
-        return 0 < t.down_rate < SLOWER * self.ref_rate
+        return self._is_slow(t.down_rate)
 
     def _upd_free(self, h: HostState) -> None:
         """Keep ``free_up`` = alive hosts that can take one more upload now."""
@@ -1295,7 +1351,8 @@ class Scheduler:
             fleet = self.fleet_cpu
             m, t = min(cands, key=lambda mt: (
                 not placement.volunteers(mt[1], fleet),
-                0 if mt[1].down_rate >= 0.5 * fastest > 0 else 1 if mt[1].down_rate <= 0 else 2,
+                2 if self._slow(mt[1]) else 0 if mt[1].down_rate >= 0.5 * fastest > 0
+                else 1 if mt[1].down_rate <= 0 else 2,
                 mt[1].uploads, self.rng.random()))
             self._assign(job, m, t, h, g, now, batch)
             self._requeue(job, m, t)
@@ -1393,7 +1450,7 @@ class Scheduler:
         if self.t.stream_depth > 0 and t.streams and (
                 peer.name == job.source or peer.name in job.holders[g]
                 or peer.name in job.streaming[g]) and not (
-                self._slow(t) or 0 < peer.up_rate < SLOWER * self.ref_rate):
+                self._slow(t) or self._is_slow(peer.up_rate)):
             # m may relay the chunk on: the chain above it is whole and has no
             # link known to be slow (a chain runs at its slowest link, and a
             # fast target must not be tied to a slow one).

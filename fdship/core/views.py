@@ -125,8 +125,12 @@ def host_view(s: Scheduler, name: str, now: float) -> dict[str, Any]:
         "busyness": round(placement.busyness(h, s.fleet_cpu), 3),
         "assigned": {"uploads": h.uploads, "downloads": h.downloads},
         # The link speeds the scheduler has learned from finished fetches
-        # (bytes/s, 0 unknown) and whether it treats the host as slow.
+        # (bytes/s, 0 unknown), the daemon's own caps (0: none), whether an
+        # estimate is still only its cap, and whether it treats the host as slow.
         "link": {"up": round(h.up_rate), "down": round(h.down_rate),
+                 "up_cap": round(h.up_cap), "down_cap": round(h.down_cap),
+                 "measured": {"up": h.up_rate > 0 and not h.up_seeded,
+                              "down": h.down_rate > 0 and not h.down_seeded},
                  "slow": s._slow(h)},
         "free": dict(h.free), "hooks": list(h.hooks), "version": h.version,
     }

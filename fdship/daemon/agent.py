@@ -277,6 +277,8 @@ class Daemon:
                            allow_dest=tuple(self.allow_dest_view), hooks=self.hooks.names(),
                            max_uploads=self.cfg.max_uploads, max_downloads=self.cfg.max_downloads,
                            version=__version__, streams=True,
+                           upload_rate=self.cfg.upload_rate or 0,
+                           download_rate=self.cfg.download_rate or 0,
                            inventory=tuple(self.store.inventory()) if self.want_inventory else None)
 
     async def _heartbeats(self) -> None:

@@ -150,7 +150,8 @@ def test_hosts_view_shows_the_link_speeds_the_scheduler_learned():
     sim.run(max_time=600)
     assert sim.ended == {job: "done"}
     rows = {n: views.host_view(sim.sched, n, sim.clock.now) for n in sim.hosts}
-    assert all(set(r["link"]) == {"up", "down", "slow"} for r in rows.values())
+    assert all(set(r["link"]) == {"up", "down", "up_cap", "down_cap", "measured", "slow"}
+               for r in rows.values())
     assert any(r["link"]["up"] > 0 for r in rows.values())  # learned from finished fetches
     slow = [n for n, r in rows.items() if r["link"]["slow"]]
     assert set(slow) <= sim.slow, (slow, sim.slow)  # never a fast host taken for slow

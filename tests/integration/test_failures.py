@@ -159,6 +159,9 @@ def test_dead_target_fails_after_grace_others_finish(cluster_factory, tmp_path):
                      for i in range(4)})
     path = str(tmp_path / "f.bin")
     want = c.write_random(path, 6 * MiB)
+    hosts = c.hosts()
+    assert [hosts[n]["link"]["down_cap"] for n in ("d1", "d2", "d3")] == [0, MiB, MiB]
+    assert hosts["d2"]["link"]["slow"] and not hosts["d1"]["link"]["slow"]
     jid = c.submit_async([path], ["d1", "d2", "d3"])
     c.wait_until("d1 part-way", lambda: c.machine(jid, "d1")["chunks_done"] >= 3,
                  timeout=60, every=0.01)
@@ -215,17 +218,20 @@ def test_source_dies_after_every_chunk_has_a_copy_swarm_finishes(cluster_factory
     """The source is killed once one target holds every chunk: the others finish
     from the swarm."""
     c = cluster_factory(
-        # Relays off: this test needs d1 complete while the others still fetch,
-        # and a chain through the rate-capped targets (whose caps the center
-        # does not know until it has measured them) could hold d1 to their speed.
+        # Relays on, as by default: the daemons report their caps, so the center
+        # never runs d1's chunks through the capped targets (a chain runs at its
+        # slowest link), and d1 is complete while they still fetch.
         4, center_args=["--chunk-size", "256K", "--heartbeat-timeout", "2",
-                        "--grace-period", "2", "--stream-depth", "0"],
+                        "--grace-period", "2"],
         daemon_args={0: ["--heartbeat-interval", "0.5"], 1: ["--heartbeat-interval", "0.5"],
                      # Slow targets: still fetching when d1 is complete.
                      2: ["--heartbeat-interval", "0.5", "--download-rate", "1M"],
                      3: ["--heartbeat-interval", "0.5", "--download-rate", "1M"]})
     path = str(tmp_path / "f.bin")
     want = c.write_random(path, 6 * MiB)
+    hosts = c.hosts()
+    assert [hosts[n]["link"]["down_cap"] for n in ("d1", "d2", "d3")] == [0, MiB, MiB]
+    assert hosts["d2"]["link"]["slow"] and not hosts["d1"]["link"]["slow"]
     jid = c.submit_async([path], ["d1", "d2", "d3"])
     wait_state(c, jid, ["d1"], "done", timeout=60)
     res = c.job_now(jid)

@@ -183,6 +183,11 @@ def test_hosts_screen_shows_app_cpu_busyness_and_learned_link() -> None:
         await wait_until(pilot, lambda: "slow: common chunks, not first copies" in plain(detail),
                          what="web-07")
         assert "busy:" not in plain(detail)
+        assert "caps" not in plain(detail)
+        # A daemon's rate cap, and that its downlink is known only by it.
+        t.move_to("web-11")
+        await wait_until(pilot, lambda: "caps ↑- ↓96.0M (↓ not measured: the cap is the "
+                         "estimate)" in plain(detail), what="web-11")
         t.move_to("web-12")
         await wait_until(pilot, lambda: "app -  busyness 0.00" in plain(detail), what="web-12")
         t.move_to("web-06")

@@ -258,9 +258,26 @@ def test_host_row_link_unknown_directions_and_slow() -> None:
     assert both.steering == ("busy: fewer uploads, no volunteering; "
                              "slow: common chunks, not first copies")
     assert len(both.steering) <= 78
-    # The widest link still fits the table's 18-cell column whole.
+    # The widest link still fits the table's 20-cell column whole.
     widest = link(1023 * 1024**2, 1023 * 1024**2, True).link
     assert widest == "↑1023M ↓1023M slow" and len(widest) == 18
+
+
+def test_host_row_caps_for_the_panel() -> None:
+    """The daemon's rate caps reach the panel, saying when a direction's
+    estimate is still only its cap; nothing when there are none."""
+    h = fixtures.host("a", 1, link=(0, 1024**2, True))
+    assert v.host_row(h, None, NOW).caps == ""
+    h["link"] |= {"down_cap": 1024**2, "measured": {"up": False, "down": False}}
+    row = v.host_row(h, None, NOW)
+    assert row.link == "↑? ↓1.00M slow"
+    assert row.caps == "caps ↑- ↓1.00M (↓ not measured: the cap is the estimate)"
+    h["link"] |= {"up_cap": 50 * 1024**2, "up": 9_800_000,
+                  "measured": {"up": True, "down": True}}
+    assert v.host_row(h, None, NOW).caps == "caps ↑50.0M ↓1.00M"
+    # A center from before caps were reported: no 'measured', no claim about it.
+    del h["link"]["measured"]
+    assert v.host_row(h, None, NOW).caps == "caps ↑50.0M ↓1.00M"
 
 
 def test_host_row_dead_host_shows_no_scheduler_state() -> None:

@@ -128,12 +128,14 @@ def details() -> dict[str, dict[str, Any]]:
 
 def host(name: str, i: int, alive: bool = True, tx: float = 0.0, rx: float = 0.0,
          cpu: float = 10.0, app_cpu: float | None = 0.0, busyness: float | None = 0.0,
-         link: tuple[float, float, bool] | None = (0, 0, False)) -> dict[str, Any]:
+         link: tuple[float, float, bool] | None = (0, 0, False),
+         down_cap: float = 0.0) -> dict[str, Any]:
     """One host as ``GET /center/hosts`` shows it.
 
     ``app_cpu=None`` is an older daemon's heartbeat (no ``app_cpu`` nor
     ``app_cpu_busy``); ``busyness=None`` or ``link=None`` an older center's row.
-    ``link`` is (up, down, slow), bytes/s with 0 for not measured yet.
+    ``link`` is (up, down, slow), bytes/s with 0 for not measured yet;
+    ``down_cap`` the daemon's download cap, whose estimate the down figure is.
     """
     h: dict[str, Any] = {
         "name": name, "address": f"10.0.0.{10 + i}:7071",
@@ -152,6 +154,9 @@ def host(name: str, i: int, alive: bool = True, tx: float = 0.0, rx: float = 0.0
         h["busyness"] = busyness
     if link is not None:
         h["link"] = {"up": link[0], "down": link[1], "slow": link[2]}
+        if down_cap:
+            h["link"] |= {"up_cap": 0, "down_cap": down_cap,
+                          "measured": {"up": link[0] > 0, "down": False}}
     return h
 
 
@@ -167,7 +172,7 @@ _WEB: dict[int, dict[str, Any]] = {
     7: {"app_cpu": 20.0, "link": (9_800_000, 9_900_000, True)},
     8: {"app_cpu": 0.0},  # nothing watched, or its process is not running
     10: {"link": (0, 0, False)},
-    11: {"link": (0, 96 * MiB, False)},
+    11: {"link": (0, 96 * MiB, False), "down_cap": 96 * MiB},  # capped, not measured
     12: {"app_cpu": None},
 }
 

@@ -123,6 +123,8 @@ class HostsScreen(MonitorScreen):
             text.append(row.busyness, style=_warn(row.busy_severity))
             text.append("  link ")
             text.append(row.link, style=_warn(row.link_severity))
+            if row.caps:
+                text.append("\n" + row.caps)
             if row.steering:
                 text.append("\n" + row.steering, style=style_of(BUSY))
         panel.show(text)
