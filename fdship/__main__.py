@@ -340,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--bandwidth", type=str, default="10M", help="per-host link, bytes/s")
     sim.add_argument("--chunk-size", type=str, default="4M")
     sim.add_argument("--slow-fraction", type=float, default=0.0)
+    sim.add_argument("--slow-capped", action="store_true",
+                     help="the slow hosts are slow by rate caps their daemons report "
+                          "(upload_rate / download_rate), so the center knows them from the "
+                          "start instead of timing their first transfers")
     sim.add_argument("--seed", type=int, default=1)
     sim.add_argument("--latency", type=float, default=None,
                      help="one-way latency per hop in seconds (default: the simulator's)")

@@ -57,11 +57,16 @@ MAX_HOSTS = 100_000
 def simulate(hosts: int, size: int, bandwidth: float, chunk_size: int = 4 * 1024 * 1024,
              slow_fraction: float = 0.0, seed: int = 1, latency: float = DEFAULT_LATENCY,
              tunables: Tunables | None = None, lead: float = DEFAULT_LEAD,
-             stream_depth: int | None = None) -> dict[str, Any]:
-    """Ship one ``size``-byte file from host 0 to all others; return the figures."""
+             stream_depth: int | None = None, slow_capped: bool = False) -> dict[str, Any]:
+    """Ship one ``size``-byte file from host 0 to all others; return the figures.
+
+    ``slow_capped``: the slow hosts are slow by their daemons' rate caps, which
+    they report in their heartbeats (else the center learns their speed only
+    by timing their transfers)."""
     wall0 = time.perf_counter()
     sim = SimCluster(hosts, bandwidth, slow_fraction=slow_fraction, slow_factor=SLOW_FACTOR,
                      seed=seed, latency=latency, jitter=0.5, drain_lead=lead,
+                     slow_capped=slow_capped,
                      tunables=tunables or Tunables(
                          heartbeat_timeout=1e9, chunk_size=chunk_size,
                          **({} if stream_depth is None else {"stream_depth": stream_depth})))
@@ -88,6 +93,7 @@ def simulate(hosts: int, size: int, bandwidth: float, chunk_size: int = 4 * 1024
         "hosts": hosts, "targets": len(targets), "size": size, "bandwidth": bandwidth,
         "chunk_size": chunk_size, "chunks": chunk_count(size, chunk_size),
         "slow_fraction": slow_fraction, "slow_hosts": len(sim.slow), "seed": seed,
+        "slow_capped": slow_capped,
         "latency": latency, "lead": lead, "state": state, "done": len(finish),
         "lower_bound_s": bound, "job_bound_s": job_bound,
         "completion_s": completion, "ratio": completion / bound if bound else 0.0,
@@ -146,12 +152,14 @@ def run_simulation(args: argparse.Namespace) -> int:
     if depth is not None and not 0 <= int(depth) <= 64:
         raise ConfigError("--stream-depth must be between 0 (no cut-through) and 64, e.g. 16")
     r = simulate(hosts, size, bandwidth, chunk, slow, int(args.seed), latency, lead=lead,
-                 stream_depth=None if depth is None else int(depth))
+                 stream_depth=None if depth is None else int(depth),
+                 slow_capped=bool(getattr(args, "slow_capped", False)))
     if getattr(args, "json", False):
         json.dump(r, sys.stdout, indent=2, sort_keys=True)
         print()
         return 0
-    print(f"{r['targets']} targets ({r['slow_hosts']} at a quarter of the bandwidth), "
+    how = ", by rate caps they report" if r["slow_capped"] and r["slow_hosts"] else ""
+    print(f"{r['targets']} targets ({r['slow_hosts']} at a quarter of the bandwidth{how}), "
           f"{_mib(size)} in {r['chunks']} chunks of {_mib(chunk)}, "
           f"{bandwidth / 1048576:.1f} MiB/s links, seed {r['seed']}, "
           f"{r['latency'] * 1000:g} ms per hop, fetch lead {r['lead'] * 1000:g} ms, "

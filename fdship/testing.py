@@ -156,7 +156,7 @@ class SimCluster:
                  slow_factor: float = 0.25, seed: int = 1, tunables: Tunables | None = None,
                  latency: float = 0.001, jitter: float = 0.0,
                  beat_interval: float = 0.0, drain_lead: float = 0.0,
-                 streams: bool = True) -> None:
+                 streams: bool = True, slow_capped: bool = False) -> None:
         self.rng = random.Random(seed)
         self.clock = FakeClock()
         self.sched = Scheduler(tunables or Tunables(heartbeat_timeout=1e9), seed=seed)
@@ -169,6 +169,9 @@ class SimCluster:
         # Like the daemon: a host passes on a chunk while it still arrives
         # (cut-through), when the center names it as the peer for one.
         self.streams = streams
+        # The slow hosts are slow by their daemons' rate caps, and report them
+        # (upload_rate / download_rate = their bandwidth) in every heartbeat.
+        self.slow_capped = slow_capped
         # (job, file, chunk) -> hosts told to fetch it that have not finished.
         self.arriving: dict[tuple[str, int, int], set[str]] = {}
         # (relay, (job, file, chunk)) -> transfers whose bytes all left the
@@ -215,10 +218,12 @@ class SimCluster:
                       downloads=h.downloads, bytes_served=h.bytes_up,
                       bytes_received=h.bytes_down, app_cpu=ld.app_cpu,
                       app_cpu_busy=ld.app_cpu_busy)
+        cap = int(h.up) if self.slow_capped and name in self.slow else 0
         return HostReported(beat=Heartbeat(name=name, address=f"{name}:7071", boot_id="b1",
                                            labels=h.labels, load=ld,
                                            max_uploads=self.sched.t.max_uploads,
-                                           max_downloads=h.slots, streams=self.streams))
+                                           max_downloads=h.slots, streams=self.streams,
+                                           upload_rate=cap, download_rate=cap))
 
     def set_load(self, name: str, **load: float) -> None:
         """Give a host a load (e.g. ``cpu=95``) and report it to the center at once."""

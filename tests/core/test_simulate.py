@@ -196,3 +196,24 @@ def test_cli_bad_input_exits_2_with_a_sentence(argv, words, capsys) -> None:  # 
     assert main(["simulate", *argv]) == 2
     err = capsys.readouterr().err
     assert words in err
+
+
+def test_slow_hosts_that_report_their_caps_hold_the_fast_ones_up_far_less(capsys) -> None:  # type: ignore[no-untyped-def]
+    """The same fleet and seed, its slow tenth slow by rate caps: when their
+    daemons report the caps, the center never makes them first copies or
+    relays, and the fast targets finish clearly earlier; the slow ones still
+    meet their own bound."""
+    args = dict(hosts=50, size=64 * MiB, bandwidth=B, chunk_size=MiB, slow_fraction=0.1)
+    unknown = simulate(**args)  # type: ignore[arg-type]
+    known = simulate(**args, slow_capped=True)  # type: ignore[arg-type]
+    print(f"\nfast targets p50 / max x S/B: {unknown['fast_p50_ratio']:.3f} / "
+          f"{unknown['fast_max_ratio']:.3f} learned, {known['fast_p50_ratio']:.3f} / "
+          f"{known['fast_max_ratio']:.3f} from reported caps")
+    for r in (unknown, known):
+        assert r["state"] == "done" and r["violations"] == 0
+        assert r["slow_max_ratio"] < 1.2
+    assert known["fast_p50_ratio"] < 0.9 * unknown["fast_p50_ratio"]
+    assert known["fast_max_ratio"] < unknown["fast_max_ratio"]
+    assert main(["simulate", "--hosts", "11", "--size", "8M", "--slow-fraction", "0.2",
+                 "--slow-capped"]) == 0
+    assert "2 at a quarter of the bandwidth, by rate caps they report" in capsys.readouterr().out
