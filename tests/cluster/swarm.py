@@ -33,7 +33,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -110,12 +110,15 @@ class NetnsSwarm:
 
     def __init__(self, n_hosts: int, rate_mbit: float | None, *, prefix: str = "fsw",
                  center_args: Sequence[str] = (), daemon_args: Sequence[str] = (),
+                 host_args: Mapping[int, Sequence[str]] | None = None,
                  python: str = sys.executable) -> None:
         self.n_hosts = n_hosts
         self.rate_mbit = rate_mbit
         self.prefix = prefix
         self.center_args = list(center_args)
         self.daemon_args = list(daemon_args)
+        # More daemon arguments for single hosts, by index (e.g. rate caps).
+        self.host_args = {i: list(a) for i, a in (host_args or {}).items()}
         self.python = python
         self.base = ""
         self.cluster: Cluster | None = None
@@ -170,7 +173,7 @@ class NetnsSwarm:
                      "--center", self.center_url, "--listen", f"{h.addr}:{DAEMON_PORT}",
                      "--advertise", f"{h.addr}:{DAEMON_PORT}", "--name", h.name,
                      "--data-dir", os.path.join(self.base, f"data{i}"), "--root", self.root(i),
-                     *self.daemon_args],
+                     *self.daemon_args, *self.host_args.get(i, [])],
                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env))
         self.wait_alive(wait)
 
