@@ -588,6 +588,8 @@ class Scheduler:
         h.free, h.allow_dest, h.hooks = dict(b.free), tuple(b.allow_dest), tuple(b.hooks)
         h.max_uploads, h.max_downloads, h.version = b.max_uploads, b.max_downloads, b.version
         h.streams = b.streams
+        if not was_alive or (b.upload_rate, b.download_rate) != (h.up_cap, h.down_cap):
+            self._cap_ref = None  # the live hosts' caps changed: _fast_rate asks again
         self._cap_links(h, b.upload_rate, b.download_rate)
         # A moving average over beats weighs hosts about equally whatever their number.
         self.fleet_cpu += (ld.cpu - self.fleet_cpu) * min(1.0, 2.0 / max(1, len(self.hosts)))
@@ -744,6 +746,7 @@ class Scheduler:
         for h in self.hosts.values():
             if h.alive and now - h.last_seen > self.t.heartbeat_timeout:
                 h.alive = False
+                self._cap_ref = None
                 self.dirty_hosts.add(h.name)
                 actions += self._host_lost(h, now, penalise=False)
         for job in list(self.running.values()):
@@ -947,8 +950,6 @@ class Scheduler:
         real sample replaces a seeded estimate outright, since the link may
         be slower than its cap.  A cap lifted takes its seed with it.
         """
-        if (up_cap, down_cap) != (h.up_cap, h.down_cap):
-            self._cap_ref = None
         for end, cap in (("up", up_cap), ("down", down_cap)):
             rate, seeded = getattr(h, f"{end}_rate"), getattr(h, f"{end}_seeded")
             if cap > 0 and (rate <= 0 or rate > cap or seeded):
@@ -971,12 +972,12 @@ class Scheduler:
 
     def _fast_rate(self) -> float:
         """The rate against which a link counts as slow: the fleet's fastest
-        measured transfer; before any, unbounded while some host has no cap (a
-        capped host is then the slower kind), else the highest cap."""
+        measured transfer; before any, unbounded while some live host has no cap
+        (a capped host is then the slower kind), else the highest cap."""
         if self.ref_rate > 0:
             return self.ref_rate
-        if self._cap_ref is None:  # hosts' caps changed since last asked
-            caps = [c for h in self.hosts.values() for c in (h.up_cap, h.down_cap)]
+        if self._cap_ref is None:  # live hosts or their caps changed since last asked
+            caps = [c for h in self.hosts.values() if h.alive for c in (h.up_cap, h.down_cap)]
             self._cap_ref = 0.0 if not caps else math.inf if min(caps) <= 0 else max(caps)
         return self._cap_ref
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from fdship.core import views
-from fdship.core.events import ChunkStored, HostReported
+from fdship.core.events import ChunkStored, HostReported, Tick
 from fdship.core.scheduler import Scheduler, Tunables
 from fdship.protocol import Heartbeat, Load, ProtocolError
 from fdship.testing import fake_file
@@ -127,3 +127,20 @@ def test_a_measurement_replaces_the_seed_and_the_cap_bounds_later_ones():
     run(s, ChunkStored(job="j1", host=tgt, file=f, chunk=c, peer=peer, nbytes=CS,
                        seconds=0.2), T0 + 2.8)
     assert h1.down_rate == pytest.approx(8 * MiB)
+
+
+def test_what_counts_as_slow_follows_hosts_joining_and_dying():
+    """Before anything is measured: all capped alike, none is slow; an uncapped
+    host joins and the capped ones become the slower kind; it dies and they
+    are peers again."""
+    s = fleet({f"h{i}": (8 * MiB, 8 * MiB) for i in range(3)}, 3)
+    assert not any(s._slow(h) for h in s.hosts.values())
+    run(s, beat("h3"))
+    assert [s._slow(s.hosts[f"h{i}"]) for i in range(4)] == [True, True, True, False]
+    # h3 falls silent past the heartbeat timeout while the others keep beating.
+    later = T0 + s.t.heartbeat_timeout + 1
+    for i in range(3):
+        run(s, beat(f"h{i}", 8 * MiB, 8 * MiB), later)
+    run(s, Tick(), later)
+    assert not s.hosts["h3"].alive
+    assert not any(s._slow(s.hosts[f"h{i}"]) for i in range(3))
