@@ -369,17 +369,25 @@ class PullRequest:
     job: str
     files: tuple[StagedFile, ...]
     fetches: tuple[Fetch, ...]
+    # The job's chunk size, which every staged file of the pull is laid out by.
+    # 0 from centers that predate it: the daemon then works it out from the
+    # fetches (``Daemon._job_chunk_size``).
+    chunk_size: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {"job": self.job, "files": [f.to_json() for f in self.files],
-                "fetches": [f.to_json() for f in self.fetches]}
+                "fetches": [f.to_json() for f in self.fetches], "chunk_size": self.chunk_size}
 
     @classmethod
     def from_json(cls, obj: Any) -> PullRequest:
         d = _obj(obj, "pull")
+        chunk_size = _nonneg(d, "chunk_size", "pull", 0)
+        if chunk_size > 1024**3:
+            raise ProtocolError("pull: 'chunk_size' must be at most 1 GiB")
         return cls(job=_get(d, "job", str, "pull"),
                    files=tuple(StagedFile.from_json(f) for f in _list(d, "files", "pull")),
-                   fetches=tuple(Fetch.from_json(f) for f in _list(d, "fetches", "pull")))
+                   fetches=tuple(Fetch.from_json(f) for f in _list(d, "fetches", "pull")),
+                   chunk_size=chunk_size)
 
 
 @dataclass(frozen=True)

@@ -444,7 +444,7 @@ class Runner:
                                   self.command_counts)
 
     async def _send_pull(self, a: AssignFetch) -> None:
-        req = P.PullRequest(job=a.job, files=a.files, fetches=a.fetches)
+        req = P.PullRequest(job=a.job, files=a.files, fetches=a.fetches, chunk_size=a.chunk_size)
         try:
             # A pull sits between two chunks on the target's link: over a kept-alive
             # connection it costs one round trip, not a handshake more.

@@ -28,6 +28,7 @@ class AssignFetch(Action):
     address: str
     files: tuple[StagedFile, ...]
     fetches: tuple[Fetch, ...]
+    chunk_size: int = 0  # the job's
 
 
 @dataclass(frozen=True)

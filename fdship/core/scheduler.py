@@ -1478,7 +1478,8 @@ class Scheduler:
                     files[fe.file] = StagedFile(file=fe.file, dest=fs.dest, size=fs.size,
                                                 xxh3=fs.xxh3)
             actions.append(AssignFetch(job=jid, target=name, address=self.hosts[name].address,
-                                       files=tuple(files.values()), fetches=tuple(fetches)))
+                                       files=tuple(files.values()), fetches=tuple(fetches),
+                                       chunk_size=job.chunk_size))
         return actions
 
     def _pick_peer(self, job: Job, m: Machine, g: int) -> HostState | None:

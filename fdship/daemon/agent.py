@@ -538,13 +538,25 @@ class Daemon:
         self.arrivals.close(arrival, "the fetch was cancelled before it started")
 
     def _job_chunk_size(self, req: P.PullRequest) -> int:
-        # Chunk size = the span of chunk 0 when the file has more than one chunk;
-        # otherwise any fetch's size works as long as it is chunk 0.
+        """The job's chunk size: the pull's, or for a center that does not send
+        it, what the fetches prove.
+
+        One pull stages several files, so the size must be the job's, never
+        one file's: a chunk 0 that is a whole small file says nothing (it once
+        came first in a pull and its length was taken for the job's chunk size,
+        and the other file's staging then no longer matched: the machine
+        failed).  A chunk past 0 gives it exactly, as does a chunk 0 shorter
+        than its file; else the center's default from the heartbeat reply.
+        """
+        if req.chunk_size > 0:
+            return req.chunk_size
+        sizes = {sf.file: sf.size for sf in req.files}
         for f in req.fetches:
             if f.chunk > 0:
                 return f.offset // f.chunk
         for f in req.fetches:
-            return max(f.size, 1) if f.chunk == 0 else f.offset // f.chunk
+            if f.chunk == 0 and 0 < f.size < sizes.get(f.file, 0):
+                return f.size
         return self.chunk_size or P.DEFAULT_CHUNK_SIZE
 
     async def _fetch(self, job: str, f: P.Fetch, st: Any, arrival: Arrival) -> None:
