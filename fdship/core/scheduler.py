@@ -288,7 +288,7 @@ class Scheduler:
         self.fleet_cpu = 0.0
         # The downlink of the fleet's fast hosts (bytes/s), as measured.
         self.ref_rate = 0.0
-        self._cap_ref: float | None = None  # _fast_rate's answer from caps alone
+        self._cap_ref: dict[str, float] | None = None  # _fast_rate's answers from caps alone
         self._now = 0.0
         self.pending_beats: dict[str, Any] = {}
         self.dirty_jobs: set[str] = set()
@@ -970,23 +970,27 @@ class Scheduler:
             new = max(rate, 0.95 * getattr(h, f"{end}_rate"))
         setattr(h, f"{end}_rate", min(new, cap) if cap > 0 else new)
 
-    def _fast_rate(self) -> float:
-        """The rate against which a link counts as slow: the fleet's fastest
-        measured transfer; before any, unbounded while some live host has no cap
-        (a capped host is then the slower kind), else the highest cap."""
+    def _fast_rate(self, end: str) -> float:
+        """The rate against which an ``end`` ('up'/'down') link counts as slow:
+        the fleet's fastest measured transfer; before any, unbounded while some
+        live host has no cap on that end (a capped one is then the slower
+        kind), else the highest cap on it."""
         if self.ref_rate > 0:
             return self.ref_rate
         if self._cap_ref is None:  # live hosts or their caps changed since last asked
-            caps = [c for h in self.hosts.values() if h.alive for c in (h.up_cap, h.down_cap)]
-            self._cap_ref = 0.0 if not caps else math.inf if min(caps) <= 0 else max(caps)
-        return self._cap_ref
+            self._cap_ref = {}
+            for e in ("up", "down"):
+                caps = [getattr(h, f"{e}_cap") for h in self.hosts.values() if h.alive]
+                self._cap_ref[e] = 0.0 if not caps else math.inf if min(caps) <= 0 \
+                    else max(caps)
+        return self._cap_ref[end]
 
-    def _is_slow(self, rate: float) -> bool:
-        return 0 < rate < SLOWER * self._fast_rate()
+    def _is_slow(self, rate: float, end: str) -> bool:
+        return 0 < rate < SLOWER * self._fast_rate(end)
 
     def _slow(self, t: HostState) -> bool:
         """A target whose downlink is well below the fleet's fast ones."""
-        return self._is_slow(t.down_rate)
+        return self._is_slow(t.down_rate, "down")
 
     def _upd_free(self, h: HostState) -> None:
         """Keep ``free_up`` = alive hosts that can take one more upload now."""
@@ -1448,10 +1452,13 @@ class Scheduler:
         peer.uploads += 1
         peer.up_load += up
         m.inflight[g] = (peer.name, now, peer.up_clock, t.down_clock)
+        # A slow source is no reason against a chain for a chunk nobody else
+        # holds yet: that chunk comes no faster any other way.
+        first_copy = peer.name == job.source and not job.holders[g]
         if self.t.stream_depth > 0 and t.streams and (
                 peer.name == job.source or peer.name in job.holders[g]
                 or peer.name in job.streaming[g]) and not (
-                self._slow(t) or self._is_slow(peer.up_rate)):
+                self._slow(t) or (self._is_slow(peer.up_rate, "up") and not first_copy)):
             # m may relay the chunk on: the chain above it is whole and has no
             # link known to be slow (a chain runs at its slowest link, and a
             # fast target must not be tied to a slow one).

@@ -144,3 +144,20 @@ def test_what_counts_as_slow_follows_hosts_joining_and_dying():
     run(s, Tick(), later)
     assert not s.hosts["h3"].alive
     assert not any(s._slow(s.hosts[f"h{i}"]) for i in range(3))
+
+
+def test_a_capped_source_still_heads_relay_chains_for_first_copies():
+    """The source capped to a fraction of the links: a chunk nobody holds yet
+    comes no faster any other way, so its first copy may still be relayed on
+    (the targets would otherwise wait idle for the source's next chunk)."""
+    s = fleet({"h0": (MiB, 0)}, 6)
+    assert s._is_slow(s.hosts["h0"].up_rate, "up")
+    submit(s, [fake_file("/a", 8 * CS, CS)], ["h1", "h2", "h3", "h4", "h5"])
+    assert {name for chain in s.jobs["j1"].streaming for name in chain}
+
+
+def test_caps_on_one_end_are_compared_with_that_end_only():
+    """Every daemon caps its uploads alike and none its downloads: no uplink
+    counts as slow, though downlinks are uncapped."""
+    s = fleet({f"h{i}": (3 * MiB, 0) for i in range(4)}, 4)
+    assert not any(s._is_slow(h.up_rate, "up") or s._slow(h) for h in s.hosts.values())

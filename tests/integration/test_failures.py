@@ -159,9 +159,6 @@ def test_dead_target_fails_after_grace_others_finish(cluster_factory, tmp_path):
                      for i in range(4)})
     path = str(tmp_path / "f.bin")
     want = c.write_random(path, 6 * MiB)
-    hosts = c.hosts()
-    assert [hosts[n]["link"]["down_cap"] for n in ("d1", "d2", "d3")] == [0, MiB, MiB]
-    assert hosts["d2"]["link"]["slow"] and not hosts["d1"]["link"]["slow"]
     jid = c.submit_async([path], ["d1", "d2", "d3"])
     c.wait_until("d1 part-way", lambda: c.machine(jid, "d1")["chunks_done"] >= 3,
                  timeout=60, every=0.01)
