@@ -25,7 +25,10 @@ fetch sends ``--lead`` seconds before its last byte (the daemon's
 while the last bytes arrive; ``--lead 0`` shows the cost of the round trip
 between chunks without it.
 
-Every run with the same arguments and seed gives the same numbers.
+Runs with the same arguments and seed give the same numbers within one
+process; across processes, Python's string-hash randomisation changes the
+order in which the scheduler meets tied hosts and moves the figures by a few
+hundredths.  Run with ``PYTHONHASHSEED=0`` for runs that repeat exactly.
 """
 
 from __future__ import annotations
