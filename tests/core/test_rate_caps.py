@@ -14,18 +14,18 @@ import pytest
 from fdship.core import views
 from fdship.core.events import ChunkStored, HostReported, Tick
 from fdship.core.scheduler import Scheduler, Tunables
-from fdship.protocol import Heartbeat, Load, ProtocolError
+from fdship.protocol import Heartbeat, ProtocolError
 from fdship.testing import fake_file
 from tests.core.test_scheduler import CS, T0, fetches, run, submit
+from tests.core.test_scheduler import beat as scheduler_beat
 
 MiB = 1024 * 1024
 
 
 def beat(name: str, up: int = 0, down: int = 0, max_uploads: int = 4) -> HostReported:
-    return HostReported(beat=Heartbeat(
-        name=name, address=f"10.0.0.{int(name[1:]) + 1}:7071", boot_id="b1", load=Load(),
-        max_uploads=max_uploads, max_downloads=4, streams=True,
-        upload_rate=up, download_rate=down))
+    """A heartbeat of a daemon that relays chunks, with these caps."""
+    return scheduler_beat(name, max_uploads=max_uploads, streams=True, upload_rate=up,
+                          download_rate=down)
 
 
 def fleet(caps: dict[str, tuple[int, int]], n: int, seed: int = 5,

@@ -20,12 +20,14 @@ T0 = 1_790_000_000.0
 
 
 def beat(name, labels=(), boot="b1", free=None, allow_dest=(), inventory=None, hooks=(),
-         cpu=0.0, max_uploads=4, max_downloads=4):
+         cpu=0.0, max_uploads=4, max_downloads=4, streams=False, upload_rate=0,
+         download_rate=0):
     return HostReported(beat=Heartbeat(
         name=name, address=f"10.0.0.{int(name[1:]) + 1}:7071" if name[1:].isdigit() else
         f"{name}:7071", boot_id=boot, labels=tuple(labels), load=Load(cpu=cpu),
         free=free or {}, allow_dest=tuple(allow_dest), hooks=tuple(hooks),
-        max_uploads=max_uploads, max_downloads=max_downloads, inventory=inventory))
+        max_uploads=max_uploads, max_downloads=max_downloads, inventory=inventory,
+        streams=streams, upload_rate=upload_rate, download_rate=download_rate))
 
 
 def run(s: Scheduler, ev, now=T0):
