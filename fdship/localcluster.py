@@ -34,6 +34,14 @@ def _ephemeral_low() -> int:
         return 32768  # Linux's default
 
 
+# Ports handed out by this process, so two picks never return the same port
+# (a pick is free when made, but nothing holds it until its process listens).
+_given: set[int] = set()
+# A generator of our own: a test that seeds the module-level one must not make
+# every cluster it starts pick the same ports.
+_rng = random.Random()
+
+
 def free_port() -> int:
     """A port on 127.0.0.1 that is free now, for a process to listen on soon.
 
@@ -41,20 +49,28 @@ def free_port() -> int:
     that range, once released here, can be taken as the local port of any
     outgoing connection (the cluster's own first heartbeats and channels
     among them) before the process meant to listen on it starts, which then
-    fails with "Address already in use".
+    fails with "Address already in use".  Something else can still take it
+    in that window; ``LocalCluster`` restarts a process that lost that race
+    on a new port (see ``Proc.lost_port_race``).
     """
     low = _ephemeral_low()
     if low > 11024:
         for _ in range(200):
+            port = _rng.randrange(10000, low)
+            if port in _given:
+                continue
             with socket.socket() as s:
                 try:
-                    s.bind(("127.0.0.1", random.randrange(10000, low)))
+                    s.bind(("127.0.0.1", port))
                 except OSError:
                     continue  # taken: try another
-                return int(s.getsockname()[1])
+            _given.add(port)
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        port = int(s.getsockname()[1])
+    _given.add(port)
+    return port
 
 
 @dataclass
@@ -72,6 +88,7 @@ class Proc:
 
     def start(self, env: dict[str, str] | None = None) -> None:
         logf = open(self.log_path, "ab")
+        self.extra["log_mark"] = logf.tell()
         self.popen = subprocess.Popen(self.args, stdout=logf, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL, env=env)
         logf.close()
@@ -88,6 +105,20 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait(5)
+
+    def lost_port_race(self) -> bool:
+        """True if this run exited because its port was taken between the pick and
+        the listen, and the process never came up on it: it may start again on a
+        new port without anyone having learned the old one."""
+        if self.alive() or self.extra.get("up") or self.extra.get("port_retries", 0) >= 5:
+            return False
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self.extra.get("log_mark", 0))
+                tail = f.read().decode(errors="replace")
+        except OSError:
+            return False
+        return "cannot listen on" in tail and "Address already in use" in tail
 
     def log(self) -> str:
         try:
@@ -142,11 +173,45 @@ class LocalCluster:
     # -- control ----------------------------------------------------------------------
 
     def start(self, wait: float = 30.0) -> LocalCluster:
+        # The center first, and only then the daemons: a daemon whose first
+        # heartbeat finds no center backs off, which costs a second.
         self.start_center()
+        self.wait_center(wait)
         for i in range(self.n):
             self.start_daemon(i)
         self.wait_alive(wait)
         return self
+
+    def wait_center(self, timeout: float = 30.0, proc: Proc | None = None) -> float:
+        """Wait until the center (or ``proc``) answers requests; return the seconds
+        it took.  A first start that lost its port to another process is
+        started again on a new one."""
+        p = proc or self.center
+        t0 = time.monotonic()
+        deadline = t0 + timeout
+        while time.monotonic() < deadline:
+            if not p.alive():
+                if p is self.center and p.lost_port_race():
+                    p.extra["port_retries"] = p.extra.get("port_retries", 0) + 1
+                    p.port = free_port()
+                    self.start_center()
+                    continue
+                raise RuntimeError(f"{p.name} exited:\n" + p.log()[-3000:])
+            try:
+                self.probe_center(p)
+            except OSError:
+                time.sleep(0.02)
+                continue
+            p.extra["up"] = True
+            return time.monotonic() - t0
+        raise TimeoutError(f"center not listening after {timeout:.0f} s")
+
+    def probe_center(self, p: Proc) -> None:
+        """Raise OSError unless center ``p`` answers.  An answered request, not just
+        an accepted connection: the port is bound before the center installs its
+        SIGTERM handler."""
+        with urllib.request.urlopen(p.url + "/metrics", timeout=2):
+            pass
 
     def start_center(self) -> None:
         self.center.args = self.center_cmd()
@@ -177,12 +242,21 @@ class LocalCluster:
         while time.monotonic() < deadline:
             if not self.center.alive():
                 raise RuntimeError("center exited:\n" + self.center.log()[-3000:])
-            for d in self.daemons:
+            for i, d in enumerate(self.daemons):
                 if d.name in want and d.popen is not None and not d.alive():
+                    if d.lost_port_race():
+                        # Nobody has learned its address yet: a new port is safe.
+                        d.extra["port_retries"] = d.extra.get("port_retries", 0) + 1
+                        d.port = free_port()
+                        self.start_daemon(i)
+                        continue
                     raise RuntimeError(f"daemon {d.name} exited:\n" + d.log()[-3000:])
             try:
                 hosts = self.hosts()
                 if all(n in hosts and hosts[n]["alive"] for n in want):
+                    for d in self.daemons:
+                        if d.name in want:
+                            d.extra["up"] = True
                     return
                 last = {n: hosts.get(n, {}).get("alive") for n in want}
             except (urllib.error.URLError, OSError, ValueError) as e:

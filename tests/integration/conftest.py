@@ -90,34 +90,6 @@ class Cluster(LocalCluster):
             p.kill(signal.SIGTERM)
         super().stop()
 
-    def start(self, wait: float = 30.0) -> Cluster:
-        # The center first, and only then the daemons: a daemon whose first
-        # heartbeat finds no center backs off, which costs every test a second.
-        self.start_center()
-        self.wait_center(wait)
-        for i in range(self.n):
-            self.start_daemon(i)
-        self.wait_alive(wait)
-        return self
-
-    def wait_center(self, timeout: float = 30.0, proc: Proc | None = None) -> float:
-        """Wait until the center (or ``proc``) accepts connections; return the seconds
-        it took."""
-        p = proc or self.center
-        t0 = time.monotonic()
-        deadline = t0 + timeout
-        while time.monotonic() < deadline:
-            if not p.alive():
-                raise RuntimeError(f"{p.name} exited:\n" + p.log()[-3000:])
-            # An answered request, not just an accepted connection: the port is
-            # bound before the center installs its SIGTERM handler.
-            try:
-                with urllib.request.urlopen(p.url + "/metrics", timeout=2):
-                    return time.monotonic() - t0
-            except OSError:
-                time.sleep(0.02)
-        raise TimeoutError(f"center not listening after {timeout:.0f} s")
-
     # -- process control -----------------------------------------------------------
 
     def kill_center(self) -> None:
