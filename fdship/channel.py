@@ -20,10 +20,18 @@ Envelope (JSON text frames)::
     request  {"id": 7, "op": "ack", "body": {...}}
     reply    {"id": 7, "ok": {...}}
     error    {"id": 7, "error": "what went wrong and what to do", "status": 400}
+    notice   {"id": 8, "op": "draining", "body": {...}, "noreply": true}
 
 Ids are per sender and per connection; a reply names the id of the request
 it answers.  Requests are served concurrently (an ack waits for the center's
 fsync; a drain notice behind it must not).
+
+A notice is a request that wants no answer: the receiver serves it and sends
+nothing back, not even an error (it logs one).  It is for hints whose loss
+costs nothing but time (drain notices: the fetch's ack follows whatever
+happens), and it saves a frame per chunk in each direction's handling.  It
+keeps an id, so an end that predates notices still takes it as a request;
+its reply then finds no call waiting and is dropped like any stray reply.
 """
 
 from __future__ import annotations
@@ -99,6 +107,8 @@ class Endpoint:
         self.closed_why = ""
         self.calls = 0  # requests sent
         self.served = 0  # requests answered
+        self.notices = 0  # notices sent
+        self.noticed = 0  # notices served
 
     @property
     def open(self) -> bool:
@@ -129,6 +139,18 @@ class Endpoint:
         finally:
             self._pending.pop(rid, None)
 
+    def notify(self, op: str, body: Any) -> bool:
+        """Send a notice: a request the other end serves without answering.
+
+        True once the frame is queued; False when the channel is down (the
+        caller may use HTTP instead).  Whether the other end took it is never
+        known here: only send what may be lost.
+        """
+        if not self._write({"id": next(self._ids), "op": op, "body": body, "noreply": True}):
+            return False
+        self.notices += 1
+        return True
+
     def received(self, text: str | bytes) -> None:
         """Handle one incoming frame (never raises)."""
         try:
@@ -143,7 +165,7 @@ class Endpoint:
             return
         rid = msg["id"]
         if "op" in msg:
-            self._request(rid, msg.get("op"), msg.get("body"))
+            self._request(rid, msg.get("op"), msg.get("body"), msg.get("noreply") is True)
             return
         fut = self._pending.get(rid)
         if fut is None or fut.done():
@@ -176,37 +198,44 @@ class Endpoint:
 
     # --- internals ---------------------------------------------------------------------------
 
-    def _request(self, rid: int, op: Any, body: Any) -> None:
+    def _request(self, rid: int, op: Any, body: Any, noreply: bool = False) -> None:
         handler = self._handlers.get(op) if isinstance(op, str) else None
         if handler is None:
             self._refuse(rid, BadRequest(f"unknown channel op {op!r} (this end serves "
                                          f"{', '.join(sorted(self._handlers)) or 'none'}); "
-                                         "use the HTTP endpoint instead", status=404))
+                                         "use the HTTP endpoint instead", status=404), noreply)
             return
         if len(self._serving) >= MAX_SERVING:
             self._refuse(rid, Unavailable(f"{MAX_SERVING} channel requests in progress; "
-                                          "retry over HTTP"))
+                                          "retry over HTTP"), noreply)
             return
-        task = asyncio.ensure_future(self._serve(rid, handler, body))
+        task = asyncio.ensure_future(self._serve(rid, handler, body, noreply))
         self._serving.add(task)
         task.add_done_callback(self._serving.discard)
 
-    async def _serve(self, rid: int, handler: Handler, body: Any) -> None:
+    async def _serve(self, rid: int, handler: Handler, body: Any, noreply: bool) -> None:
         try:
             reply = await handler(body)
         except FdshipError as e:
-            self._refuse(rid, e)
+            self._refuse(rid, e, noreply)
             return
         except asyncio.CancelledError:
             return  # closed under us: nobody to answer
         except Exception as e:  # a bug: answer like the HTTP base handler, keep serving
             log.exception("channel request from %s failed", self.name)
-            self._refuse(rid, FdshipError(f"internal error: {e}"))
+            self._refuse(rid, FdshipError(f"internal error: {e}"), noreply)
+            return
+        if noreply:
+            self.noticed += 1
             return
         self.served += 1
         self._write({"id": rid, "ok": reply})
 
-    def _refuse(self, rid: int | None, e: FdshipError) -> None:
+    def _refuse(self, rid: int | None, e: FdshipError, noreply: bool = False) -> None:
+        if noreply:
+            # Nobody waits for an answer: the log is the only place it can go.
+            log.info("notice from %s refused: %s", self.name, e)
+            return
         if rid is None:
             log.warning("bad frame on the channel from %s: %s", self.name, e)
         self._write({"id": rid, "error": e.message, "status": e.status})

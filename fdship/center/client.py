@@ -118,6 +118,11 @@ class CenterChannel:
             raise Unavailable(f"no channel to the center ({self.state})")
         return await ep.call(op, body, timeout)
 
+    def notify(self, op: str, body: Any) -> bool:
+        """Send a notice (no answer); False when the channel is down."""
+        ep = self.endpoint
+        return ep is not None and ep.open and ep.notify(op, body)
+
     async def _run(self) -> None:
         delay = self.RETRY_MIN
         while True:

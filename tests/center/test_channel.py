@@ -245,3 +245,89 @@ def test_a_transport_that_refuses_a_write_closes_the_endpoint() -> None:
             await e.call("ack", {}, 1)
         assert not e.open
     run(main())
+
+
+# ---------------------------------------------------------------------- notices
+
+
+def test_a_notice_is_served_and_never_answered(caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        got: list[Any] = []
+        frames: list[str] = []
+
+        async def draining(body: Any) -> Any:
+            got.append(body)
+            return {"ok": True}
+
+        async def refuse(body: Any) -> Any:
+            raise BadRequest("drains: 'drains' is empty")
+
+        loop = asyncio.get_running_loop()
+        p = Pair({}, {"draining": draining, "refuse": refuse})
+
+        def b_send(m: str) -> None:  # b's frames to a, recorded
+            frames.append(m)
+            loop.call_soon(p.a.received, m)
+        p.b._send = b_send
+        assert p.a.notify("draining", {"n": 1})
+        assert p.a.notify("refuse", {})
+        assert p.a.notify("no such op", {})
+        # A call after the notices is answered: the only frame b ever sends.
+        assert await p.a.call("draining", {"n": 2}, 5) == {"ok": True}
+        assert got == [{"n": 1}, {"n": 2}]
+        assert [json.loads(f)["id"] for f in frames] == [4]
+        assert p.a.notices == 3 and p.a.calls == 1
+        assert p.b.noticed == 1 and p.b.served == 1
+        assert "notice from a refused: drains: 'drains' is empty" in caplog.text
+        assert "unknown channel op 'no such op'" in caplog.text
+        # Down: the caller learns it and may use HTTP instead.
+        p.a.closed("connection lost")
+        assert not p.a.notify("draining", {"n": 3})
+        assert p.a.notices == 3
+    caplog.set_level("INFO", logger="fdship.channel")
+    run(main())
+
+
+def test_an_end_that_predates_notices_answers_and_the_answer_is_dropped() -> None:
+    async def main() -> None:
+        got: list[Any] = []
+
+        async def draining(body: Any) -> Any:
+            got.append(body)
+            return {"ok": True}
+
+        p = Pair({}, {"draining": draining})
+        received = p.b.received
+
+        def old_received(text: str | bytes) -> None:
+            msg = json.loads(text)
+            msg.pop("noreply", None)  # an older end: it knows no notices
+            received(json.dumps(msg))
+        p.b.received = old_received  # type: ignore[method-assign]
+        p.a._send = lambda m: asyncio.get_running_loop().call_soon(p.b.received, m)
+        assert p.a.notify("draining", {"n": 1})
+        assert await p.a.call("draining", {"n": 2}, 5) == {"ok": True}
+        assert got == [{"n": 1}, {"n": 2}]
+        assert p.b.served == 2  # it answered both; a dropped the answer to the notice
+        assert p.a.open and not p.a._pending
+    run(main())
+
+
+def test_the_center_serves_drain_notices_without_an_answer(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with center_in_process(tmp_path / "c", token=TOKEN) as c:
+            conn = await raw_channel(c)
+            await until(lambda: c.sample("fdship_control_channels") == 1, "the channel")
+            drains = [{"job": "J", "file": 0, "chunk": 0, "peer": "p"}]
+            conn.write_message(json.dumps({"id": 1, "op": "draining", "noreply": True,
+                                           "body": {"host": "t1", "drains": drains}}))
+            # Refused (another host's notice): still no answer, and the channel stays up.
+            conn.write_message(json.dumps({"id": 2, "op": "draining", "noreply": True,
+                                           "body": {"host": "t2", "drains": drains}}))
+            # The next frame back answers the next request, not the notices.
+            r = await ask(conn, {"id": 3, "op": "draining", "body": {"host": "t1",
+                                                                      "drains": drains}})
+            assert r == {"id": 3, "ok": {"ok": True, "ignored": 1}}
+            assert c.sample("fdship_drain_notices_total", outcome="ignored") == 2
+            conn.close()
+    run(main())

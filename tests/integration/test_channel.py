@@ -54,8 +54,16 @@ def test_per_chunk_traffic_goes_over_the_channels_and_a_daemon_without_one_uses_
         st = c.status(i)
         assert st["reports"]["channel"] > 0 and st["reports"]["http"] == 0, st["reports"]
         assert st["channel"]["served"] > 0  # the pulls it was sent
+        # Its drain notices went as one-way frames: as many batches as it sent.
+        assert st["drain_notices"]["sent"] > 0, st
+        assert 0 < st["channel"]["notices"] <= st["drain_notices"]["sent"], st
     st3 = c.status(3)
     assert st3["reports"]["channel"] == 0 and st3["reports"]["http"] > 0, st3["reports"]
+    # Over HTTP every notice is answered, and the center counted them all.
+    assert st3["drain_notices"]["failed"] == 0, st3
+    assert m["fdship_drain_notices_total{outcome=\"accepted\"}"] + \
+        m["fdship_drain_notices_total{outcome=\"ignored\"}"] >= \
+        sum(c.status(i)["drain_notices"]["sent"] for i in (1, 2, 3)), m
 
 
 @pytest.mark.slow
