@@ -27,11 +27,13 @@ it answers.  Requests are served concurrently (an ack waits for the center's
 fsync; a drain notice behind it must not).
 
 A notice is a request that wants no answer: the receiver serves it and sends
-nothing back, not even an error (it logs one).  It is for hints whose loss
-costs nothing but time (drain notices: the fetch's ack follows whatever
-happens), and it saves a frame per chunk in each direction's handling.  It
-keeps an id, so an end that predates notices still takes it as a request;
-its reply then finds no call waiting and is dropped like any stray reply.
+nothing back, not even an error (it logs one).  It saves a frame per chunk
+at both ends, and suits messages whose outcome comes back another way: drain
+notices (a hint; the fetch's ack follows whatever happens) and pulls (each
+fetch ends in an ack, failures included; the center sends again the pulls of
+a channel that closed soon after them, see ``Endpoint.on_closed``).  It keeps
+an id, so an end that predates notices still takes it as a request; its
+reply then finds no call waiting and is dropped like any stray reply.
 """
 
 from __future__ import annotations
@@ -109,6 +111,9 @@ class Endpoint:
         self.served = 0  # requests answered
         self.notices = 0  # notices sent
         self.noticed = 0  # notices served
+        # Called once when the channel closes, after the waiting calls failed:
+        # whoever sent notices over it can send again what may not have arrived.
+        self.on_closed: Callable[[], None] | None = None
 
     @property
     def open(self) -> bool:
@@ -195,6 +200,8 @@ class Endpoint:
                 self._close()
             except Exception:  # already closed: nothing more to do
                 pass
+        if self.on_closed is not None:
+            self.on_closed()
 
     # --- internals ---------------------------------------------------------------------------
 
@@ -234,7 +241,7 @@ class Endpoint:
     def _refuse(self, rid: int | None, e: FdshipError, noreply: bool = False) -> None:
         if noreply:
             # Nobody waits for an answer: the log is the only place it can go.
-            log.info("notice from %s refused: %s", self.name, e)
+            log.warning("notice from %s refused: %s", self.name, e)
             return
         if rid is None:
             log.warning("bad frame on the channel from %s: %s", self.name, e)

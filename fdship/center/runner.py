@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import json
 import logging
 import random
@@ -48,6 +49,12 @@ TICK_SECONDS = 0.25
 # How long a pull or pack over a daemon's channel may wait for its answer
 # before it is sent over HTTP instead (the HTTP call's own timeout is 15 s).
 COMMAND_TIMEOUT = 5.0
+# Pulls go over a daemon's channel as notices (no answer, one frame less per
+# chunk at both ends), so the center cannot know whether a channel that closed
+# delivered the last ones: those sent in this many seconds before it closed are
+# sent again (over the daemon's next channel, or HTTP).  A daemon takes a pull
+# it already has as a no-op: the same fetch running, or an ack again.
+PULL_RESEND_WINDOW = COMMAND_TIMEOUT
 EVENT_FLUSH_SECONDS = 0.1
 
 
@@ -185,6 +192,9 @@ class Runner:
         # Daemons' control channels by host name (fdship.channel.Endpoint): pulls
         # and packs go over them while they are up, over HTTP otherwise.
         self.channels: dict[str, Any] = {}
+        # Per open channel: (monotonic time, pull) sent over it as notices in
+        # the last PULL_RESEND_WINDOW seconds, oldest first.
+        self._recent_pulls: dict[Any, deque[tuple[float, AssignFetch]]] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -411,7 +421,8 @@ class Runner:
         for a in actions:
             if isinstance(a, AssignFetch):
                 self.stats["pulls_sent"] += len(a.fetches)
-                self._spawn(self._send_pull(a))
+                if not self._notify_pull(a):
+                    self._spawn(self._send_pull(a))
             elif isinstance(a, Pack):
                 self.stats["packs_sent"] += 1
                 self._spawn(self._send_pack(a))
@@ -430,8 +441,38 @@ class Runner:
     def attach_channel(self, host: str, endpoint: Any) -> None:
         old = self.channels.get(host)
         self.channels[host] = endpoint
+        endpoint.on_closed = functools.partial(self._channel_closed, endpoint)
         if old is not None and old is not endpoint:
             old.closed("replaced by a new channel from the same daemon")
+
+    def _notify_pull(self, a: AssignFetch) -> bool:
+        """Send a pull over the target's channel as a notice; False if it has none open."""
+        ep = self.channels.get(a.target)
+        if ep is None or not ep.open:
+            return False
+        req = P.PullRequest(job=a.job, files=a.files, fetches=a.fetches, chunk_size=a.chunk_size)
+        if not ep.notify("pull", req.to_json()):
+            return False
+        self.command_counts["channel"] += 1
+        now = time.monotonic()
+        recent = self._recent_pulls.setdefault(ep, deque())
+        while recent and now - recent[0][0] > PULL_RESEND_WINDOW:
+            recent.popleft()
+        recent.append((now, a))
+        return True
+
+    def _channel_closed(self, endpoint: Any) -> None:
+        """A channel closed: send again the pulls it may not have delivered."""
+        recent = self._recent_pulls.pop(endpoint, None)
+        if not recent or self._stopping:
+            return
+        now = time.monotonic()
+        again = [a for t, a in recent if now - t <= PULL_RESEND_WINDOW]
+        if again:
+            log.info("host=%s channel closed: sending its last %d pull(s) again", again[0].target,
+                     len(again))
+        for a in again:
+            self._spawn(self._send_pull(a))
 
     def detach_channel(self, host: str, endpoint: Any) -> None:
         if self.channels.get(host) is endpoint:
@@ -444,6 +485,10 @@ class Runner:
                                   self.command_counts)
 
     async def _send_pull(self, a: AssignFetch) -> None:
+        """Send a pull whose target had no channel open: over HTTP, answered."""
+        # The channel may have come back meanwhile (a pull sent again after a close).
+        if self._notify_pull(a):
+            return
         req = P.PullRequest(job=a.job, files=a.files, fetches=a.fetches, chunk_size=a.chunk_size)
         try:
             # A pull sits between two chunks on the target's link: over a kept-alive

@@ -911,6 +911,9 @@ class StatusHandler(DaemonHandler):
                                      if d.channel.endpoint else 0,
                                      # Drain notices: one-way frames, never answered.
                                      "notices": d.channel.endpoint.notices
+                                     if d.channel.endpoint else 0,
+                                     # The center's pulls, which come the same way.
+                                     "noticed": d.channel.endpoint.noticed
                                      if d.channel.endpoint else 0}
                                     if d.channel is not None else {"state": "off"}),
                         "reports": dict(d.report_counts),

@@ -331,3 +331,71 @@ def test_the_center_serves_drain_notices_without_an_answer(tmp_path: Path) -> No
             assert c.sample("fdship_drain_notices_total", outcome="ignored") == 2
             conn.close()
     run(main())
+
+
+def test_pulls_are_notices_and_a_closed_channels_last_ones_are_sent_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tornado.web
+
+    from fdship.center import runner as runner_mod
+    from fdship.core.actions import AssignFetch
+
+    by_http: list[Any] = []
+
+    class DaemonPull(tornado.web.RequestHandler):
+        def post(self) -> None:
+            body = json.loads(self.request.body)
+            by_http.append(body)
+            self.write({"accepted": len(body["fetches"])})
+
+    def assign(chunk: int) -> AssignFetch:
+        return AssignFetch(job="J", target="t1", address=f"127.0.0.1:{port}", files=(),
+                           fetches=(P.Fetch(file=0, chunk=chunk, offset=chunk * 4096, size=4096,
+                                            xxh3="0" * 16, peer="127.0.0.1:1",
+                                            peer_name="src"),), chunk_size=4096)
+
+    monkeypatch.setattr(runner_mod, "PULL_RESEND_WINDOW", 3.0)
+
+    async def main() -> None:
+        app = tornado.web.Application([(P.DAEMON_PULL, DaemonPull)])
+        server = app.listen(0, "127.0.0.1")
+        nonlocal port
+        port = next(iter(server._sockets.values())).getsockname()[1]
+        try:
+            async with center_in_process(tmp_path / "c", token=TOKEN) as c:
+                got: list[Any] = []
+
+                async def pull(body: Any) -> Any:
+                    got.append(body)
+                    return {"accepted": len(body["fetches"])}
+
+                ch = CenterChannel(c.url, TOKEN, "t1", {"pull": pull})
+                ch.start()
+                try:
+                    await until(lambda: ch.open and "t1" in c.runner.channels, "the channel")
+                    c.runner._carry_out([assign(1)])
+                    await until(lambda: len(got) == 1, "the pull")
+                    assert got[0]["fetches"][0]["chunk"] == 1
+                    # A notice: served, never answered.
+                    assert ch.endpoint is not None
+                    assert ch.endpoint.noticed == 1 and ch.endpoint.served == 0
+                    assert c.sample("fdship_commands_sent", transport="channel") == 1
+                    # Older than the window when its channel closes: not sent again.
+                    await asyncio.sleep(3.2)
+                finally:
+                    await ch.stop()
+                await until(lambda: "t1" not in c.runner.channels, "the center to see it close")
+                # A channel whose frames are never read, closed right after two pulls:
+                # both come again, over HTTP (no channel is open).
+                conn = await raw_channel(c)
+                await until(lambda: "t1" in c.runner.channels, "the second channel")
+                c.runner._carry_out([assign(2), assign(3)])
+                conn.close()
+                await until(lambda: len(by_http) == 2, "the pulls sent again over HTTP")
+                assert sorted(b["fetches"][0]["chunk"] for b in by_http) == [2, 3]
+                assert c.sample("fdship_commands_sent", transport="http") == 2
+                assert len(got) == 1 and c.runner._recent_pulls == {}
+        finally:
+            server.stop()
+    port = 0
+    run(main())

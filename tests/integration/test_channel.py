@@ -53,7 +53,8 @@ def test_per_chunk_traffic_goes_over_the_channels_and_a_daemon_without_one_uses_
     for i in (1, 2):
         st = c.status(i)
         assert st["reports"]["channel"] > 0 and st["reports"]["http"] == 0, st["reports"]
-        assert st["channel"]["served"] > 0  # the pulls it was sent
+        # Its pulls came as notices (served, not answered); its packs as requests.
+        assert st["channel"]["noticed"] > 0 and st["channel"]["served"] > 0, st["channel"]
         # Its drain notices went as one-way frames: as many batches as it sent.
         assert st["drain_notices"]["sent"] > 0, st
         assert 0 < st["channel"]["notices"] <= st["drain_notices"]["sent"], st
