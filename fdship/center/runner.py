@@ -25,7 +25,7 @@ import logging
 import random
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Awaitable, Callable
 
 from fdship import protocol as P
@@ -51,10 +51,12 @@ TICK_SECONDS = 0.25
 COMMAND_TIMEOUT = 5.0
 # Pulls go over a daemon's channel as notices (no answer, one frame less per
 # chunk at both ends), so the center cannot know whether a channel that closed
-# delivered the last ones: those sent in this many seconds before it closed are
-# sent again (over the daemon's next channel, or HTTP).  A daemon takes a pull
-# it already has as a no-op: the same fetch running, or an ack again.
-PULL_RESEND_WINDOW = COMMAND_TIMEOUT
+# delivered the last ones: the fetches of those sent in this many seconds
+# before it closed that are still in flight as assigned are sent again (over
+# the daemon's next channel, or HTTP).  Two ping intervals: a channel whose
+# frames stopped moving is closed within that (CHANNEL_PING, both ends).  A
+# daemon takes a fetch it already runs from the same peer as a no-op.
+PULL_RESEND_WINDOW = 20.0
 EVENT_FLUSH_SECONDS = 0.1
 
 
@@ -474,10 +476,15 @@ class Runner:
         if not recent or self._stopping:
             return
         now = time.monotonic()
-        again = [a for t, a in recent if now - t <= PULL_RESEND_WINDOW]
+        again = []
+        for t, a in recent:
+            fetches = views.still_assigned(self.sched, a.job, a.target, a.fetches) \
+                if now - t <= PULL_RESEND_WINDOW else ()
+            if fetches:
+                again.append(replace(a, fetches=fetches))
         if again:
-            log.info("host=%s channel closed: sending its last %d pull(s) again", again[0].target,
-                     len(again))
+            log.info("host=%s channel closed: sending %d fetch(es) of its last pulls again",
+                     again[0].target, sum(len(a.fetches) for a in again))
         for a in again:
             self._spawn(self._send_pull(a))
 

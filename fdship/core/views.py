@@ -11,6 +11,7 @@ from typing import Any
 
 from fdship.core import placement
 from fdship.core.scheduler import Job, Machine, Scheduler, iso
+from fdship.protocol import Fetch
 
 
 def machine_state(job: Job, m: Machine) -> str:
@@ -134,3 +135,25 @@ def host_view(s: Scheduler, name: str, now: float) -> dict[str, Any]:
                  "slow": s._slow(h)},
         "free": dict(h.free), "hooks": list(h.hooks), "version": h.version,
     }
+
+
+def still_assigned(s: Scheduler, job: str, target: str,
+                   fetches: tuple[Fetch, ...]) -> tuple[Fetch, ...]:
+    """The fetches of a pull that ``target`` still has in flight from the peer named.
+
+    A pull whose delivery is in doubt (its channel closed) is sent again with
+    these only: one already answered, or given to another peer since, must
+    not start a second fetch.
+    """
+    j = s.jobs.get(job)
+    m = j.machines.get(target) if j is not None and j.state == "running" else None
+    if j is None or m is None:
+        return ()
+    out = []
+    for f in fetches:
+        if f.file >= len(j.files) or f.chunk >= j.file_chunks(f.file):
+            continue
+        entry = m.inflight.get(j.base[f.file] + f.chunk)
+        if entry is not None and entry[0] == f.peer_name:
+            out.append(f)
+    return tuple(out)

@@ -22,6 +22,7 @@ from fdship.channel import Endpoint
 from fdship.errors import BadRequest, FdshipError, Unavailable
 from tests.center.conftest import InProcessCenter, center_in_process
 from tests.daemon.conftest import run
+from tests.daemon.conftest import run as run_loop
 
 TOKEN = "channel-test-token"
 
@@ -334,11 +335,15 @@ def test_the_center_serves_drain_notices_without_an_answer(tmp_path: Path) -> No
 
 
 def test_pulls_are_notices_and_a_closed_channels_last_ones_are_sent_again(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path) -> None:
+    import dataclasses
+
     import tornado.web
 
-    from fdship.center import runner as runner_mod
     from fdship.core.actions import AssignFetch
+    from fdship.core.events import ChunkStored
+    from fdship.testing import fake_file
+    from tests.core.test_scheduler import CS, T0, cluster, run, submit
 
     by_http: list[Any] = []
 
@@ -348,54 +353,64 @@ def test_pulls_are_notices_and_a_closed_channels_last_ones_are_sent_again(
             by_http.append(body)
             self.write({"accepted": len(body["fetches"])})
 
-    def assign(chunk: int) -> AssignFetch:
-        return AssignFetch(job="J", target="t1", address=f"127.0.0.1:{port}", files=(),
-                           fetches=(P.Fetch(file=0, chunk=chunk, offset=chunk * 4096, size=4096,
-                                            xxh3="0" * 16, peer="127.0.0.1:1",
-                                            peer_name="src"),), chunk_size=4096)
-
-    monkeypatch.setattr(runner_mod, "PULL_RESEND_WINDOW", 3.0)
-
     async def main() -> None:
         app = tornado.web.Application([(P.DAEMON_PULL, DaemonPull)])
         server = app.listen(0, "127.0.0.1")
-        nonlocal port
         port = next(iter(server._sockets.values())).getsockname()[1]
+        # The scheduler's own decisions, for a job it runs: h1 fetches from h0.
+        # (The writer is not started: its ticks would judge these hosts by the
+        # wall clock.)
+        sched = cluster(3, upload_budget=4.0, download_budget=4.0)
+        _, actions = submit(sched, [fake_file("/a", 16 * CS, CS)], ["h1"])
+        pulls = [dataclasses.replace(a, address=f"127.0.0.1:{port}") for a in actions
+                 if isinstance(a, AssignFetch) and a.target == "h1"]
+        fetched = [f for a in pulls for f in a.fetches]
+        assert len(fetched) >= 3, fetched
         try:
-            async with center_in_process(tmp_path / "c", token=TOKEN) as c:
+            async with center_in_process(tmp_path / "c", token=TOKEN, start=False) as c:
+                c.runner.sched = sched
                 got: list[Any] = []
 
                 async def pull(body: Any) -> Any:
                     got.append(body)
                     return {"accepted": len(body["fetches"])}
 
-                ch = CenterChannel(c.url, TOKEN, "t1", {"pull": pull})
+                ch = CenterChannel(c.url, TOKEN, "h1", {"pull": pull})
                 ch.start()
                 try:
-                    await until(lambda: ch.open and "t1" in c.runner.channels, "the channel")
-                    c.runner._carry_out([assign(1)])
-                    await until(lambda: len(got) == 1, "the pull")
-                    assert got[0]["fetches"][0]["chunk"] == 1
-                    # A notice: served, never answered.
+                    await until(lambda: ch.open and "h1" in c.runner.channels, "the channel")
+                    c.runner._carry_out(pulls)
+                    await until(lambda: len(got) == len(pulls), "the pulls")
+                    assert [f["chunk"] for b in got for f in b["fetches"]] == \
+                        [f.chunk for f in fetched]
+                    # Notices: served, never answered.
                     assert ch.endpoint is not None
-                    assert ch.endpoint.noticed == 1 and ch.endpoint.served == 0
-                    assert c.sample("fdship_commands_sent", transport="channel") == 1
-                    # Older than the window when its channel closes: not sent again.
-                    await asyncio.sleep(3.2)
+                    assert ch.endpoint.noticed == len(pulls) and ch.endpoint.served == 0
+                    assert c.sample("fdship_commands_sent", transport="channel") == len(pulls)
                 finally:
                     await ch.stop()
-                await until(lambda: "t1" not in c.runner.channels, "the center to see it close")
-                # A channel whose frames are never read, closed right after two pulls:
-                # both come again, over HTTP (no channel is open).
-                conn = await raw_channel(c)
-                await until(lambda: "t1" in c.runner.channels, "the second channel")
-                c.runner._carry_out([assign(2), assign(3)])
+                # Delivered, but the center cannot know: the fetches still in flight
+                # as assigned come again, over HTTP (no channel is open); the one
+                # acked meanwhile does not.
+                first = fetched[0]
+                run(sched, ChunkStored(job="j1", host="h1", file=first.file, chunk=first.chunk,
+                                       peer="h0", nbytes=first.size, seconds=0.1), T0 + 1)
+                await until(lambda: "h1" not in c.runner.channels, "the center to see it close")
+                await until(lambda: sum(len(b["fetches"]) for b in by_http) == len(fetched) - 1,
+                            "the fetches sent again over HTTP")
+                assert sorted(f["chunk"] for b in by_http for f in b["fetches"]) == \
+                    sorted(f.chunk for f in fetched[1:])
+                assert all(f["peer_name"] == "h0" for b in by_http for f in b["fetches"])
+                assert c.runner._recent_pulls == {}
+                # A channel that closes with nothing in flight sends nothing.
+                conn = await raw_channel(c, host="h1")
+                await until(lambda: "h1" in c.runner.channels, "the second channel")
+                c.runner._carry_out([dataclasses.replace(pulls[0], fetches=(first,))])
+                await asyncio.sleep(0.1)
                 conn.close()
-                await until(lambda: len(by_http) == 2, "the pulls sent again over HTTP")
-                assert sorted(b["fetches"][0]["chunk"] for b in by_http) == [2, 3]
-                assert c.sample("fdship_commands_sent", transport="http") == 2
-                assert len(got) == 1 and c.runner._recent_pulls == {}
+                await until(lambda: "h1" not in c.runner.channels, "the second to close")
+                await asyncio.sleep(0.3)
+                assert sum(len(b["fetches"]) for b in by_http) == len(fetched) - 1
         finally:
             server.stop()
-    port = 0
-    run(main())
+    run_loop(main())

@@ -388,6 +388,29 @@ def test_views_follow_contract_shape():
     assert res["created"].endswith("Z")
 
 
+def test_still_assigned_keeps_only_fetches_in_flight_from_the_peer_named():
+    # What the center sends again when a channel closed with pulls maybe unread.
+    import dataclasses
+
+    s = cluster(3, upload_budget=4.0, download_budget=4.0)
+    _, actions = submit(s, [fake_file("/a", 16 * CS, CS)], ["h1"])
+    fs = [f for a in actions if isinstance(a, AssignFetch) for f in a.fetches]
+    assert len(fs) == 4
+    assert views.still_assigned(s, "j1", "h1", tuple(fs)) == tuple(fs)
+    # Acked: no longer in flight.  Named with another peer: not this assignment.
+    run(s, ChunkStored(job="j1", host="h1", file=0, chunk=fs[0].chunk, peer="h0",
+                       nbytes=CS, seconds=0.4), T0 + 1)
+    other = dataclasses.replace(fs[1], peer_name="h2")
+    assert views.still_assigned(s, "j1", "h1", (fs[0], other, fs[2], fs[3])) == (fs[2], fs[3])
+    # Unknown jobs, machines and chunks out of range: nothing.
+    assert views.still_assigned(s, "nope", "h1", tuple(fs)) == ()
+    assert views.still_assigned(s, "j1", "h2", tuple(fs)) == ()
+    assert views.still_assigned(s, "j1", "h1", (dataclasses.replace(fs[2], chunk=99),)) == ()
+    # A job that ended has nothing in flight.
+    run(s, MachineFailed(job="j1", host="h1", reason="disk full"), T0 + 2)
+    assert views.still_assigned(s, "j1", "h1", (fs[2],)) == ()
+
+
 def test_a_chunk_lost_without_notice_is_offered_again_within_seconds():
     """The stall guard: whatever path loses a chunk, the job cannot stall for good."""
     s = cluster(3)
