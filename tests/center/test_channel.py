@@ -22,7 +22,6 @@ from fdship.channel import Endpoint
 from fdship.errors import BadRequest, FdshipError, Unavailable
 from tests.center.conftest import InProcessCenter, center_in_process
 from tests.daemon.conftest import run
-from tests.daemon.conftest import run as run_loop
 
 TOKEN = "channel-test-token"
 
@@ -48,6 +47,20 @@ async def ask(conn: tornado.websocket.WebSocketClientConnection, frame: Any) -> 
     msg = await asyncio.wait_for(conn.read_message(), 10)
     assert msg is not None, "the center closed the channel"
     return json.loads(msg)
+
+
+async def daemon_end(c: InProcessCenter, host: str) -> tuple[CenterChannel, list[Any]]:
+    """A daemon's real channel end whose pulls are recorded (and answered); open."""
+    got: list[Any] = []
+
+    async def pull(body: Any) -> Any:
+        got.append(body)
+        return {"accepted": len(body["fetches"])}
+
+    ch = CenterChannel(c.url, TOKEN, host, {"pull": pull})
+    ch.start()
+    await until(lambda: ch.open and host in c.runner.channels, "the channel")
+    return ch, got
 
 
 # ---------------------------------------------------------------------- the center's end
@@ -104,16 +117,8 @@ def test_bad_frames_get_an_error_reply_and_the_channel_stays_up(tmp_path: Path) 
 def test_pulls_go_over_the_channel_and_over_http_once_it_is_gone(tmp_path: Path) -> None:
     async def main() -> None:
         async with center_in_process(tmp_path / "c", token=TOKEN) as c:
-            got: list[Any] = []
-
-            async def pull(body: Any) -> Any:
-                got.append(body)
-                return {"accepted": len(body["fetches"])}
-
-            ch = CenterChannel(c.url, TOKEN, "t1", {"pull": pull})
-            ch.start()
+            ch, got = await daemon_end(c, "t1")
             try:
-                await until(lambda: ch.open and "t1" in c.runner.channels, "the channel")
                 http: list[str] = []
 
                 async def by_http() -> Any:
@@ -343,7 +348,8 @@ def test_pulls_are_notices_and_a_closed_channels_last_ones_are_sent_again(
     from fdship.core.actions import AssignFetch
     from fdship.core.events import ChunkStored
     from fdship.testing import fake_file
-    from tests.core.test_scheduler import CS, T0, cluster, run, submit
+    from tests.core.test_scheduler import CS, T0, cluster, submit
+    from tests.core.test_scheduler import run as decide
 
     by_http: list[Any] = []
 
@@ -369,16 +375,8 @@ def test_pulls_are_notices_and_a_closed_channels_last_ones_are_sent_again(
         try:
             async with center_in_process(tmp_path / "c", token=TOKEN, start=False) as c:
                 c.runner.sched = sched
-                got: list[Any] = []
-
-                async def pull(body: Any) -> Any:
-                    got.append(body)
-                    return {"accepted": len(body["fetches"])}
-
-                ch = CenterChannel(c.url, TOKEN, "h1", {"pull": pull})
-                ch.start()
+                ch, got = await daemon_end(c, "h1")
                 try:
-                    await until(lambda: ch.open and "h1" in c.runner.channels, "the channel")
                     c.runner._carry_out(pulls)
                     await until(lambda: len(got) == len(pulls), "the pulls")
                     assert [f["chunk"] for b in got for f in b["fetches"]] == \
@@ -393,7 +391,7 @@ def test_pulls_are_notices_and_a_closed_channels_last_ones_are_sent_again(
                 # as assigned come again, over HTTP (no channel is open); the one
                 # acked meanwhile does not.
                 first = fetched[0]
-                run(sched, ChunkStored(job="j1", host="h1", file=first.file, chunk=first.chunk,
+                decide(sched, ChunkStored(job="j1", host="h1", file=first.file, chunk=first.chunk,
                                        peer="h0", nbytes=first.size, seconds=0.1), T0 + 1)
                 await until(lambda: "h1" not in c.runner.channels, "the center to see it close")
                 await until(lambda: sum(len(b["fetches"]) for b in by_http) == len(fetched) - 1,
@@ -413,4 +411,4 @@ def test_pulls_are_notices_and_a_closed_channels_last_ones_are_sent_again(
                 assert sum(len(b["fetches"]) for b in by_http) == len(fetched) - 1
         finally:
             server.stop()
-    run_loop(main())
+    run(main())
