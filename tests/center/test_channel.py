@@ -392,7 +392,7 @@ def test_pulls_are_notices_and_a_closed_channels_last_ones_are_sent_again(
                 # acked meanwhile does not.
                 first = fetched[0]
                 decide(sched, ChunkStored(job="j1", host="h1", file=first.file, chunk=first.chunk,
-                                       peer="h0", nbytes=first.size, seconds=0.1), T0 + 1)
+                                          peer="h0", nbytes=first.size, seconds=0.1), T0 + 1)
                 await until(lambda: "h1" not in c.runner.channels, "the center to see it close")
                 await until(lambda: sum(len(b["fetches"]) for b in by_http) == len(fetched) - 1,
                             "the fetches sent again over HTTP")
