@@ -451,6 +451,7 @@ class Runner:
             old.closed("replaced by a new channel from the same daemon")
 
     def _pull_soon(self, a: AssignFetch) -> None:
+        """Send a pull as a notice over the target's channel, else as a request."""
         if not self._notify_pull(a):
             self._spawn(self._send_pull(a))
 
@@ -486,7 +487,7 @@ class Runner:
             log.info("host=%s channel closed: sending %d fetch(es) of its last pulls again",
                      again[0].target, sum(len(a.fetches) for a in again))
         for a in again:
-            self._spawn(self._send_pull(a))
+            self._pull_soon(a)  # over the next channel if it is up already
 
     def detach_channel(self, host: str, endpoint: Any) -> None:
         if self.channels.get(host) is endpoint:
@@ -499,10 +500,8 @@ class Runner:
                                   self.command_counts)
 
     async def _send_pull(self, a: AssignFetch) -> None:
-        """Send a pull whose target had no channel open: over HTTP, answered."""
-        # The channel may have come back meanwhile (a pull sent again after a close).
-        if self._notify_pull(a):
-            return
+        """Send a pull whose target had no channel open: over HTTP (or a channel
+        opened since), answered."""
         req = P.PullRequest(job=a.job, files=a.files, fetches=a.fetches, chunk_size=a.chunk_size)
         try:
             # A pull sits between two chunks on the target's link: over a kept-alive
