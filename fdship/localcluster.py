@@ -120,6 +120,11 @@ class Proc:
             return False
         return "cannot listen on" in tail and "Address already in use" in tail
 
+    def take_new_port(self) -> None:
+        """After a lost port race: a port of its own for the next start."""
+        self.extra["port_retries"] = self.extra.get("port_retries", 0) + 1
+        self.port = free_port()
+
     def log(self) -> str:
         try:
             with open(self.log_path, errors="replace") as f:
@@ -192,8 +197,7 @@ class LocalCluster:
         while time.monotonic() < deadline:
             if not p.alive():
                 if p is self.center and p.lost_port_race():
-                    p.extra["port_retries"] = p.extra.get("port_retries", 0) + 1
-                    p.port = free_port()
+                    p.take_new_port()
                     self.start_center()
                     continue
                 raise RuntimeError(f"{p.name} exited:\n" + p.log()[-3000:])
@@ -246,8 +250,7 @@ class LocalCluster:
                 if d.name in want and d.popen is not None and not d.alive():
                     if d.lost_port_race():
                         # Nobody has learned its address yet: a new port is safe.
-                        d.extra["port_retries"] = d.extra.get("port_retries", 0) + 1
-                        d.port = free_port()
+                        d.take_new_port()
                         self.start_daemon(i)
                         continue
                     raise RuntimeError(f"daemon {d.name} exited:\n" + d.log()[-3000:])
