@@ -884,6 +884,7 @@ class JobProxyHandler(DaemonHandler):
 class StatusHandler(DaemonHandler):
     def get(self) -> None:
         d = self.daemon
+        ep = d.channel.endpoint if d.channel is not None else None
         self.send_json({"name": d.name, "address": d.cfg.advertise, "boot_id": d.boot_id,
                         "registered": d.chunk_size is not None, "jobs": sorted(d.store.jobs()),
                         "fetching": len(d.active), "acks_pending": len(d.acks),
@@ -907,14 +908,11 @@ class StatusHandler(DaemonHandler):
                         # drain notices went: over it, or over HTTP.
                         "channel": ({"state": d.channel.state, "connects": d.channel.connects,
                                      "last_error": d.channel.last_error,
-                                     "served": d.channel.endpoint.served
-                                     if d.channel.endpoint else 0,
+                                     "served": ep.served if ep else 0,
                                      # Drain notices: one-way frames, never answered.
-                                     "notices": d.channel.endpoint.notices
-                                     if d.channel.endpoint else 0,
+                                     "notices": ep.notices if ep else 0,
                                      # The center's pulls, which come the same way.
-                                     "noticed": d.channel.endpoint.noticed
-                                     if d.channel.endpoint else 0}
+                                     "noticed": ep.noticed if ep else 0}
                                     if d.channel is not None else {"state": "off"}),
                         "reports": dict(d.report_counts),
                         "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
