@@ -161,6 +161,11 @@ class EventBus:
         return self.buf[0][0] if self.buf else self.next_id
 
 
+def _pull_request(a: AssignFetch) -> P.PullRequest:
+    """The wire message of a pull, whichever way it goes."""
+    return P.PullRequest(job=a.job, files=a.files, fetches=a.fetches, chunk_size=a.chunk_size)
+
+
 class Runner:
     def __init__(self, cfg: CenterConfig, token: str = "", metrics: Any = None,
                  clock: Callable[[], float] = time.time) -> None:
@@ -460,7 +465,7 @@ class Runner:
         ep = self.channels.get(a.target)
         if ep is None or not ep.open:
             return False
-        req = P.PullRequest(job=a.job, files=a.files, fetches=a.fetches, chunk_size=a.chunk_size)
+        req = _pull_request(a)
         if not ep.notify("pull", req.to_json()):
             return False
         self.command_counts["channel"] += 1
@@ -502,7 +507,7 @@ class Runner:
     async def _send_pull(self, a: AssignFetch) -> None:
         """Send a pull whose target had no channel open: over HTTP (or a channel
         opened since), answered."""
-        req = P.PullRequest(job=a.job, files=a.files, fetches=a.fetches, chunk_size=a.chunk_size)
+        req = _pull_request(a)
         try:
             # A pull sits between two chunks on the target's link: over a kept-alive
             # connection it costs one round trip, not a handshake more.
