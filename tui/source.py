@@ -21,11 +21,14 @@ the snapshot already contains is harmless).  When the stream breaks it backs
 off exponentially (capped), reconnects and re-fetches the full state.  It
 resumes with ``since=`` the last event id (and ``Last-Event-ID``) when the
 center stayed up -- a dropped connection, an idle timeout -- and handles the
-center's ``reset`` event (we asked for more than it keeps) with a full
-re-fetch.  Once a connection attempt has been refused the center is taken to
-have restarted: its event ids start again at 1, so an old ``since`` would hide
-every new event until the ids caught up; it then follows from "now" instead,
-which the stream-first ordering above makes lossless anyway.
+center's ``reset`` event (we asked for more than it keeps, or for ids from a
+center that has since restarted) with a full re-fetch.  Once a connection
+attempt has been refused the center is taken to have restarted and the source
+follows from "now" instead of resuming, which the stream-first ordering above
+makes lossless anyway.  A restarted center numbers its events from its clock
+in milliseconds, so an old id is normally below its range and answered with
+``reset``; not sending it at all also covers a center that published more
+than one event per millisecond, or whose clock stepped back.
 
 :class:`MemorySource` is an in-memory center for tests and screenshots: the
 test pushes events, drops and restores the "connection", and the app cannot
@@ -292,8 +295,9 @@ class HTTPSource:
         self._sleep = sleep
         self.last_event_id: str | None = None
         # Resume with since= only while the center is believed to be the same
-        # process: its event ids restart at 1 when it restarts, and an old,
-        # higher id would then hide every new event.  See updates().
+        # process.  A restarted center's ids start from its clock, but an old id
+        # that happened to fall inside the new range would hide the events below
+        # it.  See updates().
         self.resumable = False
         self._closed = False
         self._writer: asyncio.StreamWriter | None = None

@@ -119,32 +119,53 @@ def test_tui_shows_a_real_job_with_a_failed_machine_and_its_reason(
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("reconnect", ["refused-first", "after-restart"])
 def test_tui_rides_out_a_center_kill_and_follows_the_restarted_center(
-        cluster: LocalCluster) -> None:
+        cluster: LocalCluster, reconnect: str) -> None:
     """kill -9 the center: 'reconnecting'; restart it: live again, the REDO-replayed job
-    is still there, and a new job (event ids restarted at 1) shows up live."""
-    first = source_file(cluster, "before.bin", 4 * MiB)
-    second = source_file(cluster, "after.bin", 4 * MiB)
+    is still there, and a new job shows up live.
+
+    Both ways a monitor can meet the new center are pinned down, not left to timing:
+    a reconnect attempt refused by the dead center (the monitor then follows from
+    "now"), or a backoff that outlasts the restart (it resumes with the old id, which
+    the new center, numbering from its clock, answers with "reset": a full re-fetch).
+    """
+    first = source_file(cluster, f"before-{reconnect}.bin", 4 * MiB)
+    second = source_file(cluster, f"after-{reconnect}.bin", 4 * MiB)
+    restarted = asyncio.Event()
+
+    async def sleep(delay: float) -> None:
+        if reconnect == "after-restart":
+            await restarted.wait()  # the backoff ends only once the new center is up
+        await asyncio.sleep(delay)
 
     async def main() -> None:
-        app = make_app(cluster)
+        src = HTTPSource(cluster.center.url, backoff=Backoff(base=0.2, cap=1.0, jitter=0),
+                         sleep=sleep)
+        app = MonitorApp(src, tick=0.5)
         async with app.run_test(size=(80, 24)) as pilot:
             await live_with_hosts(pilot, 4)
             before = await asyncio.to_thread(cluster.submit, [first], TARGETS)
             await wait_until(pilot, lambda: before["job"] in app.view.jobs, timeout=30,
                              what="the first job")
-            assert isinstance(app.source, HTTPSource)
-            assert list(app.source.stream_paths) == ["/center/events"]
+            assert list(src.stream_paths) == ["/center/events"]
+            old_id = src.last_event_id
+            assert old_id is not None
             cluster.center.kill(signal.SIGKILL)
             await wait_until(pilot, lambda: "reconnecting in" in status(app), timeout=30,
                              what="reconnecting shown")
+            if reconnect == "refused-first":
+                await wait_until(pilot, lambda: not src.resumable, timeout=30,
+                                 what="an attempt refused")
             cluster.start_center()
             await asyncio.to_thread(cluster.wait_alive, 30)
+            restarted.set()
             await live_with_hosts(pilot, 4)
-            assert app.source.connections == 2
-            # The new center numbers its events from 1 again: following it with the
-            # old ?since= would hide every new event until its ids caught up.
-            assert app.source.stream_paths[-1] == "/center/events"
+            assert src.connections == 2
+            if reconnect == "refused-first":
+                assert src.stream_paths[-1] == "/center/events"
+            else:
+                assert list(src.stream_paths)[1:] == [f"/center/events?since={old_id}"]
             t = table(app, "#jobs")
             assert before["state"] == "failed", before
             # The row may still be the one drawn before the kill (the job's last
@@ -156,6 +177,7 @@ def test_tui_rides_out_a_center_kill_and_follows_the_restarted_center(
             after = await asyncio.to_thread(cluster.submit, [second], TARGETS)
             assert after["state"] == "failed", after
             await check_failed_job_on_screen(pilot, after["job"])
-            assert app.source.connections == 2  # shown from events, not a re-fetch
+            assert src.connections == 2  # shown from events, not a re-fetch
+            assert int(src.last_event_id or 0) > int(old_id)  # the new center's ids are higher
 
     asyncio.run(main())
