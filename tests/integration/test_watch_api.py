@@ -145,7 +145,7 @@ def test_job_detail_has_progress_fields_and_hosts_show_load(cluster):
     for name, m in detail["machines"].items():
         assert m["chunks_done"] == m["chunks_total"] == 4
         assert m["bytes_done"] == m["bytes_total"] == MiB
-        assert m["attempts"] == 0 and m["error"] is None and m["error_at"] is None
+        assert m["attempts"] == 0 and m["error"] is None and m["error_at"] is None, f"{name}: {m}"
         assert "rate" in m and "eta" in m
     hosts = cluster.request("GET", cluster.center.url + "/center/hosts")["hosts"]
     assert {h["name"] for h in hosts} == {"d0", "d1", "d2"}
