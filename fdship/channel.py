@@ -3,10 +3,10 @@
 Where it sits: the control channel between a daemon and the center (a
 WebSocket at ``/center/channel``, opened by the daemon) carries the messages
 that come once per chunk: the center's pulls to the target, the target's
-drain notices and acks back.  Over plain HTTP each of them is a whole request
-on both ends (parse, route, headers, timeouts), and on a busy fleet that,
-not the bytes, is where the CPU goes; over the channel each is one small
-frame.  Everything the channel carries is also an HTTP endpoint, and every
+drain notices and acks back; and the daemon's heartbeats, once a second.
+Over plain HTTP each of them is a whole request on both ends (parse, route,
+headers, timeouts), and on a busy fleet that, not the bytes, is where the
+CPU goes; over the channel each is one small frame.  Everything the channel carries is also an HTTP endpoint, and every
 sender falls back to HTTP whenever the channel is down, so the channel is
 an optimisation, never a dependency.
 

@@ -291,10 +291,14 @@ class DaemonConfig:
                              "bytes are due within this many seconds, so the next chunk starts "
                              "flowing a round trip earlier; 0 turns the notices off",
                              parse_duration)
-    control_channel: bool = _opt(True, "send acks and drain notices, and take pulls, over one "
-                                 "WebSocket to the center (far less CPU per chunk than a "
-                                 "request each); HTTP whenever it is down. off: HTTP only",
-                                 _bool)
+    receive_batch: int = _opt(128 * 1024, "a chunk's bytes wake the daemon once this many have "
+                              "arrived (SO_RCVLOWAT), not on every packet: fewer, larger reads "
+                              "for the same bytes; a relayed chunk waits up to this much per "
+                              "hop. 0: wake on every packet", parse_size)
+    control_channel: bool = _opt(True, "send heartbeats, acks and drain notices, and take "
+                                 "pulls, over one WebSocket to the center (far less CPU per "
+                                 "chunk than a request each); HTTP whenever it is down. off: "
+                                 "HTTP only", _bool)
     write_behind: bool = _opt(True, "hand each verified chunk to the disk's writeback at once, "
                               "so installing a file waits for little more than its last "
                               "chunk; off: the fsync before the install writes the whole "
@@ -336,6 +340,10 @@ class DaemonConfig:
         if not 0 <= self.fetch_lead <= 10:
             raise ConfigError(f"fetch_lead must be between 0 (no notices) and 10 seconds, got "
                               f"{self.fetch_lead:g}; the default is 0.05 (50 ms)")
+        if self.receive_batch > 4 * 1024 * 1024:
+            raise ConfigError(f"receive_batch must be at most 4M (every hop of a relayed chunk "
+                              f"waits up to this much), got {human_bytes(self.receive_batch)}; "
+                              "the default is 128K, 0 turns it off")
         if not os.path.isabs(self.root):
             raise ConfigError(f"root: {self.root!r} must be an absolute path")
         for d in self.allow_dest + self.allow_source:

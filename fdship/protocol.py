@@ -328,11 +328,18 @@ class Fetch:
     xxh3: str
     peer: str  # advertised HOST:PORT of the peer to fetch from
     peer_name: str
+    # The peer is itself still receiving this chunk (it relays it, cut-through):
+    # its own pull may reach it a moment after this one reaches us, so the
+    # download asks it to wait for the chunk's arrival rather than refuse.
+    arriving: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {"file": self.file, "chunk": self.chunk, "offset": self.offset,
-                "size": self.size, "xxh3": self.xxh3, "peer": self.peer,
-                "peer_name": self.peer_name}
+        d: dict[str, Any] = {"file": self.file, "chunk": self.chunk, "offset": self.offset,
+                             "size": self.size, "xxh3": self.xxh3, "peer": self.peer,
+                             "peer_name": self.peer_name}
+        if self.arriving:  # absent means false: older daemons read the message unchanged
+            d["arriving"] = True
+        return d
 
     @classmethod
     def from_json(cls, obj: Any) -> Fetch:
@@ -340,7 +347,8 @@ class Fetch:
         return cls(file=_nonneg(d, "file", "fetch"), chunk=_nonneg(d, "chunk", "fetch"),
                    offset=_nonneg(d, "offset", "fetch"), size=_nonneg(d, "size", "fetch"),
                    xxh3=_hex(d, "xxh3", "fetch"), peer=_get(d, "peer", str, "fetch"),
-                   peer_name=_get(d, "peer_name", str, "fetch"))
+                   peer_name=_get(d, "peer_name", str, "fetch"),
+                   arriving=_get(d, "arriving", bool, "fetch", False))
 
 
 @dataclass(frozen=True)

@@ -227,6 +227,17 @@ def test_write_behind_is_on_unless_turned_off(tmp_path):
         parse(C.DaemonConfig, ["--name", "n", "--write-behind", "sometimes"])
 
 
+def test_receive_batch_takes_sizes_and_refuses_what_would_stall_relays(tmp_path):
+    assert parse(C.DaemonConfig, ["--name", "n"]).receive_batch == 128 * 1024
+    assert parse(C.DaemonConfig, ["--name", "n", "--receive-batch", "256K"]).receive_batch \
+        == 256 * 1024
+    assert parse(C.DaemonConfig, ["--name", "n", "--receive-batch", "0"]).receive_batch == 0
+    with pytest.raises(ConfigError, match="receive_batch must be at most 4M .* got 8.0 MiB"):
+        parse(C.DaemonConfig, ["--name", "n", "--receive-batch", "8M"])
+    with pytest.raises(ConfigError, match="is not a size"):
+        parse(C.DaemonConfig, ["--name", "n", "--receive-batch", "lots"])
+
+
 def test_allow_hardlinked_sources_is_off_unless_asked(tmp_path):
     assert parse(C.DaemonConfig, ["--name", "n"]).allow_hardlinked_sources is False
     assert parse(C.DaemonConfig, ["--name", "n", "--allow-hardlinked-sources"]) \

@@ -159,7 +159,8 @@ class CenterChannel:
         self._conn = conn
         # One small frame per message, each waited for by someone: Nagle's
         # algorithm would hold a drain notice back until the last frame's ACK.
-        conn.protocol.set_nodelay(True)
+        if conn.protocol is not None:  # always set once connected; typed Optional
+            conn.protocol.set_nodelay(True)
         ep = Endpoint("the center", conn.write_message, self.handlers)
         self.endpoint = ep
         self.state = "connected"

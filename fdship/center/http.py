@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import tornado.iostream
@@ -90,9 +91,11 @@ class CenterMetrics:
         # Pulls and packs by the way they went: the daemon's channel, or HTTP.
         self.commands = Gauge("fdship_commands_sent", "Pulls and packs sent to daemons, by "
                               "transport (channel or http)", ["transport"], registry=r)
+        def sent(transport: str) -> Callable[[], float]:
+            return lambda: ref[0].command_counts[transport] if ref else 0
+
         for t in ("channel", "http"):
-            self.commands.labels(transport=t).set_function(
-                lambda t=t: ref[0].command_counts[t] if ref else 0)
+            self.commands.labels(transport=t).set_function(sent(t))
         self.hb_age = Gauge("fdship_heartbeat_age_seconds", "Seconds since each daemon's last "
                             "heartbeat", ["host"], registry=r)
 
@@ -197,9 +200,9 @@ class DrainingHandler(CenterHandler):
 class ChannelHandler(CenterHandler, tornado.websocket.WebSocketHandler):
     """GET /center/channel?host=NAME: a daemon's control channel (a WebSocket).
 
-    The daemon sends its acks and drain notices over it, and the center its
-    pulls and packs (see :mod:`fdship.channel`).  The token is checked before
-    the upgrade, as for every request.  One channel per host: a new one
+    The daemon sends its heartbeats, acks and drain notices over it, and the
+    center its pulls and packs (see :mod:`fdship.channel`).  The token is
+    checked before the upgrade, as for every request.  One channel per host: a new one
     replaces the old (the daemon reconnected), whose waiting calls fail over
     to HTTP.
     """
@@ -228,9 +231,15 @@ class ChannelHandler(CenterHandler, tornado.websocket.WebSocketHandler):
             self._same_host(batch.host)
             return accept_drains(runner, m, batch)
 
+        async def heartbeat(body: Any) -> Any:
+            beat = P.Heartbeat.from_json(body)
+            self._same_host(beat.name)
+            return (await runner.heartbeat(beat)).to_json()
+
         self.set_nodelay(True)  # one small frame per message: never wait to coalesce
         self.endpoint = Endpoint(f"daemon {self.host}", self.write_message,
-                                 {"ack": ack, "draining": draining}, close=self.close)
+                                 {"ack": ack, "draining": draining, "heartbeat": heartbeat},
+                                 close=self.close)
         runner.attach_channel(self.host, self.endpoint)
 
     def _same_host(self, host: str) -> None:

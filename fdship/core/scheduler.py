@@ -474,8 +474,7 @@ class Scheduler:
             # A relayed chunk (its peer was still receiving it) came no faster
             # than the chain above: only a fast one says something of these links.
             relayed = bool(job.streaming) and job.streaming[g].get(m.name, 1) > 1 or (
-                peer is not None and peer.name != job.source
-                and peer.name not in job.holders[g])
+                peer is not None and self._relaying(job, g, peer.name))
             self._observe(job, m, g, peer, entry[1], dt, entry[2], entry[3], relayed)
         self._release(job, m, g, ok=True)
         actions: list[Action] = []
@@ -663,7 +662,7 @@ class Scheduler:
         # when its own fetch broke, every fetch below it broke too, through no
         # fault of its own, so it is not avoided for it.  A relay's bad bytes
         # still count against it, as anyone's do.
-        relayed = ev.peer != job.source and ev.peer not in job.holders[g]
+        relayed = self._relaying(job, g, ev.peer)
         if ev.peer and not relayed:
             m.avoid[ev.peer] = m.avoid.get(ev.peer, 0) + 1
             m.last_failed_peer[g] = ev.peer
@@ -1051,6 +1050,12 @@ class Scheduler:
             for n in [n for n in streaming if (e := machines[n].inflight.get(g)) and e[0] == up]:
                 del streaming[n]
                 below.append(n)
+
+    @staticmethod
+    def _relaying(job: Job, g: int, peer: str) -> bool:
+        """Whether ``peer`` serves chunk g as it arrives there (cut-through): it is
+        neither the source nor a holder.  The one rule for "was this relayed?"."""
+        return peer != job.source and peer not in job.holders[g]
 
     def _relays(self, job: Job, g: int, name: str) -> bool:
         """Whether ``name``, receiving chunk g now, may pass it on as it arrives."""
@@ -1464,6 +1469,8 @@ class Scheduler:
             # fast target must not be tied to a slow one).
             above = job.streaming[g].get(peer.name, 0)  # 0: the peer holds it (or is the source)
             job.streaming[g][m.name] = above + 1
+        # A relay's own pull goes out with this one and may reach it later.
+        arriving = self._relaying(job, g, peer.name)
         self._upd_free(peer)
         if peer.name == job.source:
             job.source_sends[g] += 1
@@ -1471,7 +1478,7 @@ class Scheduler:
             job.resend.discard(g)
         batch.setdefault((job.id, m.name), []).append(
             Fetch(file=f, chunk=c, offset=off, size=size, xxh3=job.files[f].chunks[c],
-                  peer=peer.address, peer_name=peer.name))
+                  peer=peer.address, peer_name=peer.name, arriving=arriving))
         self.dirty_jobs.add(job.id)
 
     def _emit(self, batch: dict[tuple[str, str], list[Fetch]]) -> list[Action]:

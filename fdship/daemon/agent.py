@@ -16,7 +16,8 @@ It plays every role of the seed's protocol on its machine:
   flowing while this one ends; ``POST /daemon/pack`` verifies, fsyncs and renames a file into
   place and reports ``/center/fin``, then runs the job's notify hook;
 * reporter: a heartbeat every ~1 s with load (psutil), free space, caps and,
-  when registering, the inventory of what it holds.
+  when registering, the inventory of what it holds (over the control channel
+  while it is up, except a registration; HTTP otherwise).
 
 The daemon keeps no state the center depends on except the bytes in its
 store; everything else is rebuilt from the center's answers, so it can be
@@ -71,6 +72,11 @@ DRAINS_IN_FLIGHT = 2
 DRAIN_QUEUE = 256
 DRAIN_BATCH = 64
 DRAIN_MAX_AGE = 2.0
+# Longest a heartbeat waits for its answer on the control channel before it is
+# sent again over HTTP (the interval's double, at least 1 s): well inside the
+# center's heartbeat_timeout (5 s by default), so a stalled channel delays a
+# beat but never makes this host look dead.
+BEAT_CHANNEL_MAX_WAIT = 2.0
 
 
 def _under(path: str, directory: str) -> bool:
@@ -106,6 +112,9 @@ class DaemonMetrics:
                                 value=s.uploads_in_flight)
         yield CounterMetricFamily("fdship_chunks_streamed", "Chunks served on while they were "
                                   "still arriving here (cut-through)", value=s.streamed)
+        yield CounterMetricFamily("fdship_downloads_before_pull", "Requests for a chunk relayed "
+                                  "through here that came before this daemon's own pull of it "
+                                  "(they wait for it)", value=s.awaited_pulls)
         yield CounterMetricFamily("fdship_writeback_bytes", "Bytes of verified chunks handed "
                                   "to the kernel's writeback before the pack-time fsync",
                                   value=d.store.writeback_bytes)
@@ -163,7 +172,8 @@ class Daemon:
         self.pool = PeerPool(token=token, limiter=self.down_limiter,
                              ssl=cluster_ssl_context() if cfg.tls_cert else None,
                              connect_timeout=cfg.connect_timeout,
-                             stall_timeout=cfg.fetch_stall_timeout, drain_lead=cfg.fetch_lead)
+                             stall_timeout=cfg.fetch_stall_timeout, drain_lead=cfg.fetch_lead,
+                             receive_batch=cfg.receive_batch)
         self.serve_stats = ServeStats()
         # Ship only what changed: chunks the old copy at the destination still holds.
         self.delta = DeltaFetcher(token=token, limiter=self.down_limiter,
@@ -178,6 +188,10 @@ class Daemon:
             "pull": self._channel_pull, "pack": self._channel_pack,
         }) if cfg.control_channel else None
         self.report_counts = {"channel": 0, "http": 0}
+        self.beat_counts = {"channel": 0, "http": 0}  # heartbeats, by the way they went
+        # The channel whose center answered that it takes no heartbeats (an older
+        # center): beats go over HTTP until a new channel opens.
+        self._beats_refused: object = None
         self.hooks = HookRunner(cfg.hooks)
         # Hooks run once per job: a pack for the hook repeated by a restarted
         # center re-sends the recorded outcome instead of running it again.
@@ -292,9 +306,9 @@ class Daemon:
                     # (refetched) or that job's snapshot (job failed).  So they take
                     # turns: the picture is taken once nothing is in flight.
                     async with self.report_lock:
-                        reply = await self.center.heartbeat(self.beat())
+                        reply = await self._send_beat(self.beat())
                 else:
-                    reply = await self.center.heartbeat(self.beat())
+                    reply = await self._send_beat(self.beat())
                 if failures:
                     log.info("center %s reachable again", self.cfg.center)
                 failures = 0
@@ -315,6 +329,38 @@ class Daemon:
             except Exception:
                 log.exception("heartbeat failed")
                 await asyncio.sleep(self.cfg.heartbeat_interval)
+
+    async def _send_beat(self, beat: P.Heartbeat) -> P.HeartbeatReply:
+        """One heartbeat: over the control channel while it is up, else over HTTP.
+
+        A beat is one small frame on the channel instead of a request at both
+        ends: on a fleet of thousands, heartbeats are most of the center's
+        requests.  A registration (a beat with the inventory, which can be
+        large) always goes over HTTP, as does every beat when the channel is
+        down, does not answer in time, or belongs to a center that does not
+        take heartbeats on it.  The center applies a beat it gets twice as the
+        newer report of the same state.
+        """
+        ch = self.channel
+        ep = ch.endpoint if ch is not None else None
+        if ch is not None and ch.open and beat.inventory is None and ep is not self._beats_refused:
+            wait = min(BEAT_CHANNEL_MAX_WAIT, max(1.0, 2 * self.cfg.heartbeat_interval))
+            try:
+                res = await ch.call("heartbeat", beat.to_json(), wait)
+                reply = P.HeartbeatReply.from_json(res)
+                self.beat_counts["channel"] += 1
+                return reply
+            except Unavailable as e:
+                log.info("heartbeat over the control channel failed (%s); sending it over "
+                         "HTTP", e)
+            except BadRequest as e:
+                if e.status != 404:
+                    raise  # the center refused the beat itself: HTTP would say the same
+                self._beats_refused = ep
+                log.info("the center takes no heartbeats on the control channel (%s); they "
+                         "go over HTTP", e)
+        self.beat_counts["http"] += 1
+        return await self.center.heartbeat(beat)
 
     def _drop_finished(self, live: set[str]) -> None:
         """Forget staging and snapshots of jobs the center no longer runs.
@@ -597,7 +643,8 @@ class Daemon:
                     arrival.start()
                     n = await self.pool.fetch(f.peer, job, f.file, f.chunk, f.size, f.xxh3,
                                               st.write_fd, f.offset, self.cfg.fetch_timeout,
-                                              on_drain=on_drain, on_progress=arrival.progress)
+                                              on_drain=on_drain, on_progress=arrival.progress,
+                                              relay=arrival, arriving=f.arriving)
                     wire = time.monotonic() - t_wire
                     n += got.nbytes if got is not None else 0
             finally:
@@ -659,8 +706,8 @@ class Daemon:
                                            sf.dest, sf.size, sf.xxh3, req.chunk_size)
             res = await loop.run_in_executor(None, self.store.pack, req.job, sf.file, sf.dest)
             self.counters["packed"] += 1
-            log.info("job=%s installed %s (%d bytes) in %.3f s", req.job, res.path, res.size,
-                     res.seconds)
+            log.info("job=%s installed %s (%d bytes, %d read back) in %.3f s", req.job, res.path,
+                     res.size, res.read_back, res.seconds)
             fin = P.Fin(job=req.job, host=self.name, file=sf.file, ok=True)
         except IntegrityError as e:
             self.counters["pack_failed"] += 1
@@ -894,6 +941,7 @@ class StatusHandler(DaemonHandler):
                         "chunks_buffered": d.serve_stats.buffered,
                         # Chunks served while they were still arriving (cut-through).
                         "chunks_streamed": d.serve_stats.streamed,
+                        "downloads_before_pull": d.serve_stats.awaited_pulls,
                         "arriving": len(d.arrivals),
                         "bytes_received": d.pool.stats.bytes_received,
                         # Event-loop wake-ups moving chunk bytes, each way: what
@@ -915,6 +963,7 @@ class StatusHandler(DaemonHandler):
                                      "noticed": ep.noticed if ep else 0}
                                     if d.channel is not None else {"state": "off"}),
                         "reports": dict(d.report_counts),
+                        "heartbeats": dict(d.beat_counts),
                         "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
                         "delta": d.delta.stats.to_json(), "version": __version__})
 

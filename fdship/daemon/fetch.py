@@ -22,6 +22,18 @@ chunk to another holder as soon as the nack arrives), ``stall_timeout`` (a peer
 that sends no byte this long, heartbeating or not, loses the fetch) and the
 caller's overall ``timeout``.
 
+Once a body is under way the connection's ``SO_RCVLOWAT`` is raised to
+``receive_batch`` (or what is left of the body, if less): the kernel then
+wakes the daemon when that many bytes wait, not on every burst of packets.
+At 80 Mbit/s a 1 MiB chunk otherwise arrived in about 20 reads; each read is
+an event-loop wake-up and a pass through the Python below, which is most of a
+chunk's CPU cost here.  It goes back to 1 before the connection is reused, so
+the next response's head is read at once.  While peers stream the chunk on
+from here as it arrives (an :class:`fdship.daemon.arrivals.Arrival` with
+streams), the batch is the streams' own (``RELAY_BATCH``): a larger one would
+hold every hop of a relay back by the difference.  TLS connections keep the
+default: their reads are of records, not of the body.
+
 While a body streams, the fetch estimates when its last byte will arrive from
 the rate so far; ``drain_lead`` seconds before that it calls the request's
 ``on_drain`` once, so the daemon can tell the center that this link is about to
@@ -31,19 +43,24 @@ flowing while this one ends, instead of a round trip later.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import errno
+import fcntl
+import functools
 import json
 import logging
 import os
 import socket
 import ssl as ssl_module
+import termios
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
 import xxhash
 
+from fdship.daemon.arrivals import RELAY_BATCH, Arrival
 from fdship.daemon.ratelimit import RateLimiter
 from fdship.daemon.store import free_space
 from fdship.errors import FdshipError
@@ -113,7 +130,8 @@ class _Request:
 
     def __init__(self, peer: str, fd: int, offset: int, size: int, xxh3: str,
                  fut: asyncio.Future[int], on_drain: Callable[[], None] | None = None,
-                 lead: float = 0.0, on_progress: Callable[[int], None] | None = None) -> None:
+                 lead: float = 0.0, on_progress: Callable[[int], None] | None = None,
+                 relay: Arrival | None = None) -> None:
         self.peer = peer
         self.fd = fd
         self.offset = offset
@@ -134,9 +152,11 @@ class _Request:
         self.lead = lead
         # Told the count of body bytes written after every pwrite (cut-through serving).
         self.on_progress = on_progress
+        self.relay = relay  # the arrival peers may stream from: its streams set the batch
         self.t_sent = 0.0  # loop time the request was written: the rate counts from there
         # Stall watch: loop time of the last byte (or of our own limiter's resume).
         self.last_rx = 0.0
+        self.queued = 0  # bytes the kernel held below the wake-up batch at the last stall check
         self.stall_handle: asyncio.TimerHandle | None = None
 
 
@@ -153,6 +173,9 @@ class _Conn(asyncio.BufferedProtocol):
         self.req: _Request | None = None
         self._paused = False
         self.idle_since = 0.0  # loop time it went back to the pool
+        # The socket whose SO_RCVLOWAT batches a body's reads (None: not batched).
+        self._sock: socket.socket | None = None
+        self._lowat = 1  # the kernel's value: only changes are written
 
     def alive(self) -> bool:
         return not self.lost and self.transport is not None and not self.transport.is_closing()
@@ -166,6 +189,8 @@ class _Conn(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.pool.receive_batch > 1 and self.pool.ssl is None:
+                self._sock = sock
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._buf
@@ -177,6 +202,7 @@ class _Conn(asyncio.BufferedProtocol):
             self.close()
             return
         req.last_rx = self._loop.time()
+        req.queued = 0
         self.pool.stats.reads += 1
         try:
             self._feed(req, self._buf[:nbytes])
@@ -210,6 +236,8 @@ class _Conn(asyncio.BufferedProtocol):
         self.req = req
         req.t_sent = self._loop.time()
         self.transport.write(request)
+        if req.relay is not None and self._sock is not None:
+            req.relay.on_stream = functools.partial(self._rebatch, req)
         stall = self.pool.stall_timeout
         if stall > 0:
             req.last_rx = self._loop.time()
@@ -230,13 +258,28 @@ class _Conn(asyncio.BufferedProtocol):
             # Our own download cap holds the bytes back, not the peer.
             req.stall_handle = self._loop.call_at(now + stall, self._check_stall, req)
             return
+        if now - req.last_rx >= stall and self._queued_grew(req):
+            req.last_rx = now  # bytes came, below the wake-up batch: a slow peer, not a dead one
         if now - req.last_rx < stall:
             req.stall_handle = self._loop.call_at(req.last_rx + stall, self._check_stall, req)
             return
-        where = f"after {req.pos} of {req.size} body bytes" if req.in_body else \
+        # Bytes waiting below the batch count as received: they are, just not read.
+        where = f"after {req.pos + req.queued} of {req.size} body bytes" if req.in_body else \
             "before a complete response"
         self._fail(req, FetchError(FAIL_TIMEOUT, f"peer {self.peer} sent no byte for "
                                    f"{stall:g} s ({where}); giving the chunk back"))
+
+    def _queued_grew(self, req: _Request) -> bool:
+        """Did more bytes reach the socket since the last check, waiting for the batch?"""
+        if self._sock is None or self._lowat <= 1:
+            return False
+        n = array.array("i", [0])
+        try:
+            fcntl.ioctl(self._sock.fileno(), termios.FIONREAD, n)
+        except OSError:
+            return False
+        grew, req.queued = n[0] > req.queued, n[0]
+        return grew
 
     def close(self) -> None:
         self.lost = True
@@ -280,6 +323,17 @@ class _Conn(asyncio.BufferedProtocol):
             except Exception:  # a notice is a hint: it must never fail the fetch
                 log.exception("drain notice for a fetch from %s failed", self.peer)
 
+    def _set_lowat(self, n: int) -> None:
+        """Wake on ``n`` waiting bytes (the kernel caps it at half the receive buffer)."""
+        if n == self._lowat or self._sock is None:
+            return
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, n)
+            self._lowat = n
+        except OSError:
+            # Closed under us, or a socket that has no such option: read as it comes.
+            self._sock = None
+
     def _progress(self, req: _Request) -> None:
         try:
             req.on_progress(req.pos)  # type: ignore[misc]
@@ -304,8 +358,25 @@ class _Conn(asyncio.BufferedProtocol):
             data = data[end + 4 - prev:]
         if req.status != 200:
             self._error_body(req, data)
-        elif data:
+            return
+        if data:
             self._body(req, data)
+        if self._sock is not None:
+            self._rebatch(req)
+
+    def _rebatch(self, req: _Request) -> None:
+        """Set the wake-up batch for the rest of ``req``'s body."""
+        if self.req is not req or not req.in_body:
+            return
+        left = req.size - req.pos
+        if left <= 0:
+            self._set_lowat(1)  # all in: the next response's head is read at once
+            return
+        batch = self.pool.receive_batch
+        if req.relay is not None and req.relay.streams:
+            batch = min(batch, RELAY_BATCH)
+        # Never more than is coming: that read would wait for bytes that never come.
+        self._set_lowat(min(left, batch))
 
     def _parse_head(self, req: _Request, head: bytes) -> None:
         lines = head.split(b"\r\n")
@@ -423,8 +494,11 @@ class PeerPool:
                  limiter: RateLimiter | None = None, max_idle_per_peer: int = 4,
                  max_idle: int = 64, ssl: ssl_module.SSLContext | None = None,
                  stall_timeout: float = 10.0, drain_lead: float = 0.0,
-                 max_idle_age: float = 60.0, connect_stagger: float = 0.25) -> None:
+                 max_idle_age: float = 60.0, connect_stagger: float = 0.25,
+                 receive_batch: int = 0) -> None:
         self.token = token
+        # Body bytes that wake a read (SO_RCVLOWAT); 0 or 1: every packet.
+        self.receive_batch = receive_batch
         # A connection attempt unanswered this long gets a second one beside
         # it (then a third...), the first to complete wins: a SYN or SYN-ACK
         # dropped by a full queue otherwise costs the kernel's 1 s SYN
@@ -510,7 +584,8 @@ class PeerPool:
     async def fetch(self, peer: str, job: str, file: int, chunk: int, size: int, xxh3: str,
                     fd: int, offset: int, timeout: float,
                     on_drain: Callable[[], None] | None = None,
-                    on_progress: Callable[[int], None] | None = None) -> int:
+                    on_progress: Callable[[int], None] | None = None,
+                    relay: Arrival | None = None, arriving: bool = False) -> int:
         """Fetch one chunk from ``peer`` into ``fd`` at ``offset``; return its size.
 
         Raises FetchError (kind in ``fdship.protocol.FAIL_KINDS``) unless the
@@ -522,28 +597,36 @@ class PeerPool:
         ``on_progress(n)`` is called synchronously after every write into
         ``fd`` with ``n``, the count of this chunk's bytes written so far (from
         ``offset`` on, front to back, not yet verified); it must not block
-        either: it runs on every socket read.
+        either: it runs on every socket read.  ``relay`` is the chunk's
+        arrival when peers may stream it on from here: while they do, the body
+        is read in their batches (see the module's docstring).  ``arriving``:
+        the peer is itself still receiving the chunk (the center's
+        ``Fetch.arriving``), so it is asked to wait for the chunk's arrival
+        there instead of answering 404 when this request beats its own pull.
         """
         self.stats.in_flight += 1
         try:
             n = await self._fetch(peer, job, file, chunk, size, xxh3, fd, offset, timeout,
-                                  on_drain, on_progress)
+                                  on_drain, on_progress, relay, arriving)
         except FetchError as e:
             self.stats.failed(e.kind)
             raise
         finally:
             self.stats.in_flight -= 1
+            if relay is not None:
+                relay.on_stream = None
         self.stats.chunks_ok += 1
         return n
 
     async def _fetch(self, peer: str, job: str, file: int, chunk: int, size: int, xxh3: str,
                      fd: int, offset: int, timeout: float,
                      on_drain: Callable[[], None] | None,
-                     on_progress: Callable[[int], None] | None = None) -> int:
+                     on_progress: Callable[[int], None] | None = None,
+                     relay: Arrival | None = None, arriving: bool = False) -> int:
         if self._closed:
             raise FetchError(FAIL_CONNECT, "the peer pool is closed")
         target = (f"{DAEMON_DOWNLOAD}?job={quote(job, safe='')}&file={int(file)}"
-                  f"&chunk={int(chunk)}")
+                  f"&chunk={int(chunk)}" + ("&arriving=1" if arriving else ""))
         head = f"GET {target} HTTP/1.1\r\nHost: {peer}\r\n"
         if self.token:
             head += f"Authorization: Bearer {self.token}\r\n"
@@ -568,7 +651,7 @@ class PeerPool:
                         self.stats.connections_reused += 1
                     fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
                     req = _Request(peer, fd, offset, size, xxh3, fut, on_drain,
-                                   self.drain_lead, on_progress)
+                                   self.drain_lead, on_progress, relay)
                     conn.send(req, request)
                     try:
                         n = await fut

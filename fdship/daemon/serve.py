@@ -42,7 +42,7 @@ from typing import Any
 
 from tornado.iostream import SSLIOStream, StreamClosedError
 
-from fdship.daemon.arrivals import FAILED, Arrival, Arrivals
+from fdship.daemon.arrivals import FAILED, RELAY_BATCH, Arrival, Arrivals
 from fdship.daemon.ratelimit import RateLimiter
 from fdship.daemon.store import Store, check_job_id
 from fdship.errors import BadRequest, ConfigError, NotFound
@@ -53,15 +53,17 @@ log = logging.getLogger("fdship.daemon.serve")
 # Without a rate cap a chunk goes out as one sendfile run; under a cap it goes
 # in 256 KiB slices, each paid for before it is sent, which keeps the rate smooth.
 LIMITED_SLICE = 256 * 1024
-# A chunk still arriving goes on in batches of this much (or what is left):
-# about 6 ms of an 80 Mbit/s link per hop, and a fraction of the wake-ups.
-RELAY_BATCH = 64 * 1024
 BUFFERED_SLICE = 256 * 1024
 YIELD_EVERY = 8 * 1024 * 1024
 WRITE_TIMEOUT = 30.0  # seconds without any progress before a peer is hung up on
 # Seconds a stream of a chunk still arriving waits for its next bytes before it
 # hangs up; the daemon passes its fetch_stall_timeout (the same default).
 STALL_TIMEOUT = 10.0
+# Longest a request marked ``arriving`` (the chunk is on its way here, relayed)
+# waits for this daemon's own pull of the chunk before it is refused; bounded
+# by the stall timeout too.  Both pulls leave the center together, so this only
+# covers a busy event loop or a slow control channel.
+ARRIVING_WAIT = 5.0
 
 _rng = random.Random()
 
@@ -80,6 +82,7 @@ class ServeStats:
     buffered: int = 0  # chunks sent through Python (TLS, fault injection)
     faults_injected: int = 0
     streamed: int = 0  # chunks served complete while they were still arriving here
+    awaited_pulls: int = 0  # requests that came before this daemon's pull of their chunk
 
 
 def parse_fault(spec: str) -> tuple[str, float]:
@@ -158,18 +161,23 @@ class DownloadHandler(BaseHandler):
                              "/daemon/download?job=J&file=F&chunk=C")
         check_job_id(job)
         file, chunk = self._int_arg("file"), self._int_arg("chunk")
-        # Our own reference to the open file: if the job is dropped mid-send the
-        # store closes its fd, and a recycled fd number must not be read from.
-        src = self.store.open_chunk(job, file, chunk)
-        arrival: Arrival | None = None
-        if src is None and self.arrivals is not None:
-            src, arrival = self._arriving(job, file, chunk)
+        src, arrival = self._source(job, file, chunk)
+        if src is None and self.arrivals is not None and \
+                self.get_query_argument("arriving", "") == "1" and \
+                self.arrivals.get((job, file, chunk)) is None:
+            # The requester was told the chunk is on its way here: our pull of
+            # it may simply not have come yet.
+            self.stats.awaited_pulls += 1
+            await self.arrivals.opened((job, file, chunk), min(ARRIVING_WAIT, self.stall_timeout))
+            src, arrival = self._source(job, file, chunk)
         if src is None:
             self.stats.not_found += 1
             raise NotFound(f"chunk {chunk} of job {job} file {file} is not held verified by "
                            "this daemon; ask the center for another peer")
         fd, offset, length = src
         self.stats.uploads_in_flight += 1
+        if arrival is not None:
+            arrival.stream_started()
         try:
             self.set_header("Content-Type", "application/octet-stream")
             self.set_header("Content-Length", str(length))
@@ -180,7 +188,23 @@ class DownloadHandler(BaseHandler):
             self.stats.aborted += 1
         finally:
             self.stats.uploads_in_flight -= 1
+            if arrival is not None:
+                arrival.stream_ended()
             os.close(fd)
+
+    def _source(self, job: str, file: int,
+                chunk: int) -> tuple[tuple[int, int, int] | None, Arrival | None]:
+        """((fd, offset, length), arrival) of the chunk: held verified (arrival
+        None), else still arriving here, else (None, None).
+
+        The fd is our own reference to the open file: if the job is dropped
+        mid-send the store closes its fd, and a recycled fd number must not be
+        read from.
+        """
+        src = self.store.open_chunk(job, file, chunk)
+        if src is None and self.arrivals is not None:
+            return self._arriving(job, file, chunk)
+        return src, None
 
     def _arriving(self, job: str, file: int,
                   chunk: int) -> tuple[tuple[int, int, int] | None, Arrival | None]:

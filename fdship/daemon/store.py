@@ -10,7 +10,9 @@ A job's data flows through it one way::
 
     source daemon:  snapshot() -> commit_snapshots() -> chunk_source() for peers
     target daemon:  open_staging() -> pwrite + mark_chunk() per fetched chunk
-                    -> pack(): verify, fsync, rename onto the final path
+                    (a writeback thread starts its writeback and feeds the
+                    whole-file hash, in order, as chunks join the front)
+                    -> pack(): hash the rest, verify, fsync, rename onto the final path
                     -> chunk_source() keeps serving the installed inode
 
 Layout under ``data_dir`` (internal; may change between versions)::
@@ -170,14 +172,20 @@ def hash_range(fd: int, offset: int, length: int, buf: bytearray | None = None) 
     """
     mv = memoryview(buf if buf is not None else bytearray(min(IO_BUFFER, max(length, 1))))
     h = xxhash.xxh3_64()
+    _feed(h, fd, offset, length, mv)
+    return h.hexdigest()
+
+
+def _feed(h: Any, fd: int, offset: int, length: int, buf: memoryview) -> bool:
+    """Hash ``length`` bytes of ``fd`` at ``offset`` into ``h``; False if the file ends first."""
     pos = 0
     while pos < length:
-        n = os.preadv(fd, [mv[:min(len(mv), length - pos)]], offset + pos)
+        n = os.preadv(fd, [buf[:min(len(buf), length - pos)]], offset + pos)
         if n == 0:
-            break
-        h.update(mv[:n])
+            return False
+        h.update(buf[:n])
         pos += n
-    return h.hexdigest()
+    return True
 
 
 def _write_all(fd: int, data: memoryview) -> None:
@@ -283,6 +291,8 @@ class PackResult:
     seconds: float
     from_snapshot: bool = False  # copied from this daemon's own source snapshot
     already: bool = False  # the file had been packed before; nothing was done
+    # Bytes the install read back to hash (the rest was hashed as chunks arrived).
+    read_back: int = 0
 
 
 @dataclass
@@ -329,6 +339,13 @@ class Staging:
         self.created_dirs = created_dirs  # parents we made, fsynced at pack time
         self.verified: dict[int, str] = {}
         self.packed = False
+        # The whole-file hash, fed in order by the store's writeback thread as
+        # verified chunks join the front (:meth:`hash_ahead`), so that the
+        # install only hashes what is left instead of the whole file at the
+        # moment every target of a job installs at once.
+        self._whole = xxhash.xxh3_64()
+        self._hashed = 0  # bytes from the start fed to _whole
+        self._hash_lock = threading.Lock()
         # Serialises pack() for this file: the center may repeat a pack request
         # while the first is still verifying, and only one may rename.
         self.pack_lock = threading.Lock()
@@ -379,6 +396,44 @@ class Staging:
             self.verified.clear()
             if self._log_fd >= 0:
                 os.ftruncate(self._log_fd, 0)
+        with self._hash_lock:
+            self._whole.reset()
+            self._hashed = 0
+
+    def hash_ahead(self, fd: int, buf: memoryview) -> None:
+        """Feed the whole-file hash the verified chunks that now follow what it
+        has, read back through ``fd`` (the page cache: they were just written).
+
+        Runs in the store's writeback thread.  A chunk is only ever read after
+        it was verified, and verified bytes are never written again (a failed
+        install resets both the chunks and this hash), so what was fed stays
+        true of the file until the install, which hashes the rest.
+        """
+        with self._hash_lock:
+            while not self.packed and self._hashed < self.size:
+                chunk = self._hashed // self.chunk_size
+                if chunk not in self.verified:
+                    return
+                off, length = self.span(chunk)
+                # Into a copy: a read that fails halfway must leave the hash
+                # as it was, for the install to read that chunk again.
+                whole = self._whole.copy()
+                if not _feed(whole, fd, off, length, buf):
+                    return
+                self._whole, self._hashed = whole, off + length
+
+    def whole_hash_from(self, fd: int, buf: memoryview) -> tuple[str, int]:
+        """The whole file's xxh3, from what :meth:`hash_ahead` fed and the rest
+        read now ("size-mismatch" if the file is shorter than it should be),
+        and how many bytes had to be read now."""
+        with self._hash_lock:
+            whole = self._whole.copy()
+            rest = self.size - self._hashed
+            if not _feed(whole, fd, self._hashed, rest, buf):
+                return "size-mismatch", rest
+        if os.fstat(fd).st_size != self.size:
+            return "size-mismatch", rest
+        return whole.hexdigest(), rest
 
     def _manifest(self) -> dict[str, Any]:
         return {"job": self.job, "file": self.file, "dest": self.dest,
@@ -434,6 +489,7 @@ class Store:
         self._writeback: ThreadPoolExecutor | None = None
         self.writeback_bytes = 0  # handed to the kernel's writeback so far
         self._write_behind_off = _sync_file_range is None or not write_behind
+        self._behind_buf = memoryview(bytearray(0))  # the writeback thread's read buffer
 
     # --- life cycle -----------------------------------------------------------------
 
@@ -1045,11 +1101,12 @@ class Store:
                                   time.monotonic() - t0, already=True)
             use_snapshot = src is not None and len(src.valid) == len(src.chunks) and \
                 not st.complete()
-            self._install(st, src if use_snapshot else None)
+            read_back = self._install(st, src if use_snapshot else None)
         return PackResult(job, file, st.final_path, st.size, st.xxh3, time.monotonic() - t0,
-                          from_snapshot=use_snapshot)
+                          from_snapshot=use_snapshot, read_back=read_back)
 
-    def _install(self, st: Staging, src: _Source | None) -> None:
+    def _install(self, st: Staging, src: _Source | None) -> int:
+        """Verify, fsync and rename ``st`` into place; return the bytes read back to hash."""
         job, file = st.job, st.file
         # Our own reference to the open file: drop_job() closing the cached fd
         # mid-pack must not let a recycled fd number receive the fsync.
@@ -1057,7 +1114,19 @@ class Store:
         try:
             if src is not None:
                 self._kernel_copy(src.fd, fd, src.size, st.final_path)
-            got, chunk_hashes = self._hash_file(fd, st.size, st.chunk_size)
+            # Fetched chunks were each hashed as they arrived (or re-hashed
+            # when a restart restored them), and the writeback thread has fed
+            # most of the file to the whole-file hash already: only the rest
+            # is read now.  A snapshot copy (or a file installed without all
+            # its chunks) is hashed whole, chunk by chunk too: that gives the
+            # chunks this daemon can then serve.
+            per_chunk = src is not None or not st.complete()
+            chunk_hashes: list[str] = []
+            if per_chunk:
+                got, chunk_hashes = self._hash_file(fd, st.size, st.chunk_size)
+                read_back = st.size
+            else:
+                got, read_back = st.whole_hash_from(fd, memoryview(bytearray(IO_BUFFER)))
             if got != st.xxh3:
                 st._reset_chunks()
                 raise IntegrityError(
@@ -1074,7 +1143,8 @@ class Store:
             os.close(fd)
         with self._lock:
             st.packed = True
-            st.verified = dict(enumerate(chunk_hashes))
+            if per_chunk:
+                st.verified = dict(enumerate(chunk_hashes))
             _close(st._log_fd)
             st._log_fd = -1
             _close(st._dir_fd)
@@ -1085,6 +1155,7 @@ class Store:
                 _unlink(meta[:-len(".json")] + ".chunks")
             except OSError as e:
                 log.warning("cannot record that job %s file %d was packed: %s", job, file, e)
+        return read_back
 
     def _rename_into_place(self, st: Staging, fd: int) -> None:
         """Rename the verified temp file (open as ``fd``) onto the final name, durably.
@@ -1214,25 +1285,30 @@ class Store:
             self._writeback.submit(lambda: None).result(timeout)
 
     def _write_behind(self, st: Staging, offset: int, length: int) -> None:
-        """Queue the start of writeback for a verified range of ``st`` (caller holds the lock)."""
-        if self._write_behind_off or st.write_fd < 0 or length <= 0:
+        """Queue, for a verified range of ``st``, the start of its writeback and
+        the whole-file hash of what it joins to the front (caller holds the lock)."""
+        if st.write_fd < 0 or length <= 0:
             return
         # Our own fd: drop_job() or pack may close the staging's meanwhile, and
         # a recycled fd number must not be the one written back.
         fd = os.dup(st.write_fd)
         if self._writeback is None:
             self._writeback = ThreadPoolExecutor(1, thread_name_prefix="fdship-writeback")
+            self._behind_buf = memoryview(bytearray(IO_BUFFER))
 
         def run() -> None:
             try:
-                if start_writeback(fd, offset, length):
-                    self.writeback_bytes += length
-                else:
-                    self._write_behind_off = True  # the fsync at pack time does it all
+                if not self._write_behind_off:
+                    if start_writeback(fd, offset, length):
+                        self.writeback_bytes += length
+                    else:
+                        self._write_behind_off = True  # the fsync at pack time does it all
+                st.hash_ahead(fd, self._behind_buf)
             except OSError as e:
-                # The pack-time fsync meets the same error and fails the file
-                # properly; here it is only worth a line in the log.
-                log.warning("cannot start writeback of %s: %s", st.temp_path, e)
+                # The install meets the same error (its fsync, or its read of
+                # what is not hashed yet) and fails the file properly; here it
+                # is only worth a line in the log.
+                log.warning("cannot write back or hash ahead %s: %s", st.temp_path, e)
             finally:
                 os.close(fd)
 

@@ -412,3 +412,57 @@ def test_pulls_are_notices_and_a_closed_channels_last_ones_are_sent_again(
         finally:
             server.stop()
     run(main())
+
+
+# ---------------------------------------------------------------------- heartbeats
+
+
+def test_heartbeats_go_over_the_channel_and_fall_back_to_http(tmp_path: Path) -> None:
+    """A real daemon's beats: the registration (with its inventory) over HTTP, then
+    one frame each on the channel; another host's beat is refused; a center that
+    takes no beats on its channel (an older one) gets them over HTTP from then on;
+    and with the channel gone they go over HTTP again."""
+    from fdship.config import DaemonConfig, load
+    from fdship.daemon.agent import Daemon
+
+    async def main() -> None:
+        async with center_in_process(tmp_path / "c", token=TOKEN) as c:
+            cfg = load(DaemonConfig, {"center": c.url, "data_dir": str(tmp_path / "d"),
+                                      "root": str(tmp_path / "root"), "name": "t1",
+                                      "listen": "127.0.0.1:0", "advertise": "127.0.0.1:7"})
+            (tmp_path / "root").mkdir()
+            d = Daemon(cfg, token=TOKEN)
+            await asyncio.get_running_loop().run_in_executor(None, d.store.open)
+            assert d.channel is not None
+            try:
+                first = await d._send_beat(d.beat())  # want_inventory: a registration
+                assert d.beat_counts == {"channel": 0, "http": 1}
+                assert "t1" in c.runner.sched.hosts and first.chunk_size > 0
+                d.want_inventory = first.want_inventory
+                assert not d.want_inventory
+                d.channel.start()
+                await until(lambda: d.channel.open and "t1" in c.runner.channels, "the channel")
+                seen = c.runner.sched.hosts["t1"].last_seen
+                served = c.runner.channels["t1"].served
+                reply = await d._send_beat(d.beat())
+                assert d.beat_counts == {"channel": 1, "http": 1}
+                assert reply.chunk_size == first.chunk_size
+                assert c.runner.channels["t1"].served == served + 1
+                assert c.runner.sched.hosts["t1"].last_seen > seen
+                # The channel is this host's: a beat for another is refused, not applied.
+                with pytest.raises(BadRequest, match="cannot report for t2"):
+                    await d.channel.call("heartbeat", P.Heartbeat(
+                        name="t2", address="127.0.0.1:8", boot_id="b").to_json(), 5)
+                assert "t2" not in c.runner.sched.hosts
+                # An older center serves no beats on the channel: HTTP, and it stays so.
+                c.runner.channels["t1"]._handlers.pop("heartbeat")
+                await d._send_beat(d.beat())
+                await d._send_beat(d.beat())
+                assert d.beat_counts == {"channel": 1, "http": 3}
+                assert d._beats_refused is d.channel.endpoint
+                await d.channel.stop()
+                await d._send_beat(d.beat())
+                assert d.beat_counts == {"channel": 1, "http": 4}
+            finally:
+                await d.stop()
+    run(main())

@@ -9,9 +9,10 @@ below are retried without blaming the relay.
 
 from __future__ import annotations
 
+from fdship.core.actions import AssignFetch
 from fdship.core.events import ChunkStored, FetchFailed, HostReported
 from fdship.core.scheduler import Scheduler, Tunables
-from fdship.protocol import FAIL_CONNECT, Heartbeat, Load
+from fdship.protocol import FAIL_CONNECT, Fetch, Heartbeat, Load
 from fdship.testing import SimCluster, fake_file
 from tests.core.test_scheduler import CS, T0, fetches, run, submit
 
@@ -38,6 +39,17 @@ def test_a_target_still_receiving_a_chunk_relays_it_at_once():
     assert got[second] == (0, first)
     assert s.jobs["j1"].streaming[0] == {first: 1, second: 2}
     assert s.jobs["j1"].source_sends[0] == 1
+    # The relayed fetch says so: the relay's own pull may reach it after this
+    # one reaches the second target, whose GET then waits for it.
+    arriving = {a.target: f.arriving for a in acts if isinstance(a, AssignFetch)
+                for f in a.fetches}
+    assert arriving == {first: False, second: True}
+    wire = next(f for a in acts if isinstance(a, AssignFetch) and a.target == second
+                for f in a.fetches)
+    assert Fetch.from_json(wire.to_json()).arriving is True
+    plain = next(f for a in acts if isinstance(a, AssignFetch) and a.target == first
+                 for f in a.fetches)
+    assert "arriving" not in plain.to_json() and not Fetch.from_json(plain.to_json()).arriving
 
 
 def test_daemons_that_do_not_stream_are_named_only_for_chunks_they_hold():
@@ -48,6 +60,7 @@ def test_daemons_that_do_not_stream_are_named_only_for_chunks_they_hold():
     acts = run(s, ChunkStored(job="j1", host=tgt, file=0, chunk=0, peer="h0", nbytes=CS),
                T0 + 0.5)
     assert [(c, p) for _, _, c, p in fetches(acts)] == [(0, tgt)]  # now it holds it
+    assert not any(f.arriving for a in acts if isinstance(a, AssignFetch) for f in a.fetches)
 
 
 def test_stream_depth_zero_turns_relays_off():

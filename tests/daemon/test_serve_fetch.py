@@ -388,6 +388,152 @@ def test_silent_peer_times_out(tmp_path: Path) -> None:
     run(body())
 
 
+def test_receive_batch_wakes_once_per_batch_and_resets_for_the_next_response(
+        tmp_path: Path) -> None:
+    """SO_RCVLOWAT batches a dribbled body into few reads, lowers itself for a
+    tail shorter than the batch, and is back to 1 before the connection's next
+    response (else that small answer would wait for bytes that never come)."""
+    import xxhash
+
+    batch = 128 * 1024
+    big = os.urandom(450 * 1024)  # 3 batches and a 66 KiB tail
+    small = b"x" * 100
+    piece = 16 * 1024
+
+    async def body() -> None:
+        async def dribble(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            for data in (big, small):
+                await r.readuntil(b"\r\n\r\n")
+                w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(data))
+                for i in range(0, len(data), piece):  # one piece per pause: a read each
+                    w.write(data[i:i + piece])
+                    await w.drain()
+                    await asyncio.sleep(0.004)
+            await r.read()  # until the client hangs up
+            w.close()
+
+        server = await asyncio.start_server(dribble, "127.0.0.1", 0)
+        peer = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        reads = {}
+        for rb in (0, batch):
+            pool = PeerPool(receive_batch=rb)
+            fd = os.open(tmp_path / f"out-{rb}", os.O_CREAT | os.O_RDWR)
+            n = await pool.fetch(peer, "j", 0, 0, len(big), xxhash.xxh3_64(big).hexdigest(),
+                                 fd, 0, 10.0)
+            assert n == len(big) and os.pread(fd, len(big), 0) == big
+            reads[rb] = pool.stats.reads
+            # Same connection, a body far below the batch: must not hang.
+            n = await pool.fetch(peer, "j", 0, 1, len(small),
+                                 xxhash.xxh3_64(small).hexdigest(), fd, len(big), 3.0)
+            assert n == len(small) and pool.stats.connections_reused == 1
+            os.close(fd)
+            await pool.close()
+        # Unbatched, the 29 pieces of the big body mostly arrive as reads of their own.
+        assert reads[0] >= 12, reads
+        # Batched: one read per 128 KiB (the head arrives on its own), and the tail.
+        assert reads[batch] <= len(big) // batch + 3, reads
+        server.close()
+        await server.wait_closed()
+
+    run(body())
+
+
+def test_a_peer_slower_than_the_batch_is_slow_not_stalled(tmp_path: Path) -> None:
+    """Bytes held by the kernel below the wake-up batch are progress: a peer
+    sending 2 KiB every 0.1 s outlives a 0.5 s stall timeout, and one that
+    goes quiet is still caught."""
+    import xxhash
+
+    data = os.urandom(24 * 1024)
+
+    async def body() -> None:
+        async def slow(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            for _ in range(2):  # two requests on the kept-alive connection
+                await r.readuntil(b"\r\n\r\n")
+                w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(data))
+                for i in range(0, len(data), 2048):
+                    if mute and i >= len(data) // 2:
+                        await asyncio.sleep(5)  # goes quiet halfway
+                    w.write(data[i:i + 2048])
+                    await w.drain()
+                    await asyncio.sleep(0.1)
+            w.close()
+
+        server = await asyncio.start_server(slow, "127.0.0.1", 0)
+        peer = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        pool = PeerPool(receive_batch=128 * 1024, stall_timeout=0.5)
+        fd = os.open(tmp_path / "out", os.O_CREAT | os.O_RDWR)
+        h = xxhash.xxh3_64(data).hexdigest()
+        n = await pool.fetch(peer, "j", 0, 0, len(data), h, fd, 0, 10.0)
+        assert n == len(data) and os.pread(fd, len(data), 0) == data
+        assert pool.stats.reads <= 3  # it did wait for the whole (sub-batch) body
+        mute.append(True)
+        with pytest.raises(FetchError) as ei:
+            await pool.fetch(peer, "j", 0, 0, len(data), h, fd, 0, 10.0)
+        assert ei.value.kind == FAIL_TIMEOUT and "sent no byte for 0.5 s (after 12288 of " \
+            "24576 body bytes)" in str(ei.value), ei.value
+        os.close(fd)
+        await pool.close()
+        server.close()
+        await server.wait_closed()
+
+    mute: list[bool] = []
+    run(body())
+
+
+def test_a_chunk_streamed_on_is_read_in_the_streams_batches(tmp_path: Path) -> None:
+    """Once a peer streams the arriving chunk from here, the fetch wakes on the
+    streams' 64 KiB batches, not its own larger ones: at once when the stream
+    starts, and the arrival forgets the fetch when it ends."""
+    import xxhash
+
+    from fdship.daemon.arrivals import RELAY_BATCH, Arrival
+
+    data = os.urandom(640 * 1024)
+    piece = 16 * 1024
+    relay = Arrival(("j", 0, 0), 0, len(data))
+    seen: list[int] = []
+
+    def lowat() -> int:
+        conn = relay.on_stream.func.__self__  # type: ignore[union-attr]
+        return conn._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT)
+
+    async def body() -> None:
+        async def dribble(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await r.readuntil(b"\r\n\r\n")
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(data))
+            for i in range(0, len(data), piece):
+                if i == 4 * piece:
+                    seen.append(lowat())  # batched alone
+                    relay.stream_started()  # a peer starts streaming it from "us"
+                    seen.append(lowat())
+                w.write(data[i:i + piece])
+                await w.drain()
+                await asyncio.sleep(0.004)
+            await r.read()
+            w.close()
+
+        server = await asyncio.start_server(dribble, "127.0.0.1", 0)
+        pool = PeerPool(receive_batch=256 * 1024)
+        fd = os.open(tmp_path / "out", os.O_CREAT | os.O_RDWR)
+        n = await pool.fetch(f"127.0.0.1:{server.sockets[0].getsockname()[1]}", "j", 0, 0,
+                             len(data), xxhash.xxh3_64(data).hexdigest(), fd, 0, 10.0,
+                             on_progress=relay.progress, relay=relay)
+        assert n == len(data) and os.pread(fd, len(data), 0) == data
+        assert relay.on_stream is None  # the fetch is over: nothing to tell any more
+        os.close(fd)
+        await pool.close()
+        server.close()
+        await server.wait_closed()
+        # 10 pieces in the last one with streams: at least 6 reads of 64 KiB or less.
+        assert pool.stats.reads >= 6, pool.stats.reads
+
+    run(body())
+    assert seen == [256 * 1024, RELAY_BATCH]
+    relay.stream_ended()
+    assert relay.streams == 0
+
+
 def test_wrong_size_is_an_http_failure(store_factory: StoreFactory, tmp_path: Path) -> None:
     a = store_factory("a")
     snap, _ = source(a, tmp_path, CS)

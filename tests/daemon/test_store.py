@@ -307,8 +307,13 @@ def test_pack_mismatch_installs_nothing_and_resets_chunks(store_factory: StoreFa
     final.parent.mkdir(parents=True)
     final.write_bytes(b"previous version")
     data = os.urandom(3 * CS)
-    st = stage_bytes(s, "j", "/srv/f.bin", data)
-    os.pwrite(st.write_fd, b"\xff", CS + 7)  # a bit flip after verification
+    hashes = chunk_hashes(data, CS)
+    st = stage_bytes(s, "j", "/srv/f.bin", data, mark=False)
+    st.mark_chunk(1, hashes[1])
+    st.mark_chunk(2, hashes[2])
+    s.wait_writeback()  # chunk 0 is missing: nothing is hashed ahead yet
+    os.pwrite(st.write_fd, b"\xff", CS + 7)  # a bit flip after chunk 1 was verified
+    st.mark_chunk(0, hashes[0])
     with pytest.raises(IntegrityError, match="nothing was installed"):
         s.pack("j", 0)
     assert final.read_bytes() == b"previous version"
@@ -321,6 +326,68 @@ def test_pack_mismatch_installs_nothing_and_resets_chunks(store_factory: StoreFa
         st.mark_chunk(c, h)
     s.pack("j", 0)
     assert final.read_bytes() == data
+    # Installed from hashes taken as the chunks arrived: it still serves them all.
+    assert s.inventory()[0].chunks == (0, 1, 2)
+    assert st.verified == dict(enumerate(chunk_hashes(data, CS)))
+
+
+@pytest.mark.parametrize("write_behind", [True, False])
+def test_install_hashes_only_what_was_not_hashed_ahead(tmp_path: Path,
+                                                      write_behind: bool) -> None:
+    """The writeback thread feeds the whole-file hash as verified chunks join
+    the front, with or without write-behind; the install reads back only the
+    rest, and a staging restored after a restart is read back whole."""
+    s = Store(str(tmp_path / "data"), str(tmp_path / "root"), write_behind=write_behind)
+    s.open()
+    data = os.urandom(5 * CS + 77)
+    hashes = chunk_hashes(data, CS)
+    st = stage_bytes(s, "j", "/srv/a.bin", data, mark=False)
+    for c in (1, 2, 0, 4):  # 0, 1, 2 join the front; 4 waits for 3
+        st.mark_chunk(c, hashes[c])
+    s.wait_writeback()
+    assert st._hashed == 3 * CS
+    st.mark_chunk(5, hashes[5])
+    st.mark_chunk(3, hashes[3])
+    res = s.pack("j", 0)  # may race the thread for chunks 3-5: both ways are right
+    assert res.read_back in range(0, 2 * CS + 78) and res.read_back % CS in (0, 77)
+    assert Path(s.root, "srv/a.bin").read_bytes() == data
+    # Everything hashed ahead: nothing to read back.
+    st = stage_bytes(s, "j", "/srv/b.bin", data, file=1)
+    s.wait_writeback()
+    assert s.pack("j", 1).read_back == 0
+    # After a restart the hash starts over: the install reads the file back whole.
+    stage_bytes(s, "j", "/srv/c.bin", data, file=2)
+    s.wait_writeback()
+    s.close()
+    s2 = Store(str(tmp_path / "data"), str(tmp_path / "root"), write_behind=write_behind)
+    s2.open()
+    res = s2.pack("j", 2)
+    assert res.read_back == len(data) and Path(s2.root, "srv/c.bin").read_bytes() == data
+    s2.close()
+
+
+def test_a_failed_read_ahead_leaves_the_hash_for_the_install(store_factory: StoreFactory,
+                                                             tmp_path: Path) -> None:
+    """A read that ends early (the file cut short under us) feeds nothing; the
+    install then finds the file short and installs nothing."""
+    s = store_factory()
+    data = os.urandom(3 * CS)
+    st = stage_bytes(s, "j", "/srv/f.bin", data, mark=False)
+    hashes = chunk_hashes(data, CS)
+    st.mark_chunk(0, hashes[0])
+    s.wait_writeback()
+    assert st._hashed == CS
+    os.ftruncate(st.write_fd, CS + 10)  # chunk 1 now ends early
+    st.mark_chunk(1, hashes[1])
+    s.wait_writeback()
+    assert st._hashed == CS  # not advanced, and not half-fed either
+    os.ftruncate(st.write_fd, 3 * CS)
+    os.pwrite(st.write_fd, data, 0)
+    st.mark_chunk(2, hashes[2])
+    s.wait_writeback()
+    assert st._hashed == 3 * CS
+    assert s.pack("j", 0).read_back == 0
+    assert Path(s.root, "srv/f.bin").read_bytes() == data
 
 
 def test_served_bytes_survive_replacement_of_the_installed_file(

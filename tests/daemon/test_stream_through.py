@@ -111,8 +111,10 @@ class Downstream:
         self.first_at = 0.0
         self.done_at = 0.0
         self.watch: Arrival | None = None
+        self.streams = -1  # the watched arrival's streams when the first bytes came
 
-    async def fetch(self, peer: str, chunk: int, xxh3: str, watch: Arrival | None) -> int:
+    async def fetch(self, peer: str, chunk: int, xxh3: str, watch: Arrival | None,
+                    arriving: bool = False) -> int:
         self.watch = watch
         loop = asyncio.get_running_loop()
 
@@ -121,12 +123,13 @@ class Downstream:
                 self.first_at = loop.time()
                 if self.watch is not None:
                     self.first = (self.watch.state, self.watch.written)
+                    self.streams = self.watch.streams
                 else:
                     self.first = ("", 0)
 
         try:
             return await self.pool.fetch(peer, JOB, 0, chunk, self.size, xxh3, self.fd, 0,
-                                         timeout=20.0, on_progress=progress)
+                                         timeout=20.0, on_progress=progress, arriving=arriving)
         finally:
             self.done_at = loop.time()
 
@@ -183,6 +186,34 @@ def test_arrivals_wake_waiters_and_keep_replacements_apart() -> None:
         assert b.state == OK
         reg.close(b)
         assert reg.get(key) is None and len(reg) == 0
+
+    run(main())
+
+
+def test_a_request_can_wait_for_its_arrival_to_be_opened() -> None:
+    """``opened`` returns at once when the arrival exists, wakes when it is opened,
+    gives None after its timeout, and leaves no waiter behind either way."""
+    async def main() -> None:
+        reg = Arrivals()
+        key = (JOB, 0, 1)
+        assert await reg.opened(key, 0.05) is None
+        assert reg._awaited == {}
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        waiting = asyncio.ensure_future(reg.opened(key, 5.0))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        a = reg.open(key, 0, 10)
+        assert await waiting is a and loop.time() - t0 < 4.0
+        assert reg._awaited == {}
+        assert await reg.opened(key, 5.0) is a  # already there: no wait
+        # A waiter cancelled with its request (the peer hung up) is removed too.
+        other = asyncio.ensure_future(reg.opened((JOB, 0, 2), 5.0))
+        await asyncio.sleep(0.01)
+        other.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await other
+        assert reg._awaited == {}
 
     run(main())
 
@@ -245,6 +276,10 @@ def test_a_chunk_is_served_on_while_it_arrives(store_factory: StoreFactory,
                 assert arrival.state == OK
                 p_ok = await p_end
                 assert p_ok <= down.done_at
+                # P counted the stream while it ran, and its fetch (which read
+                # in the stream's batches meanwhile) let go of the arrival.
+                assert down.streams == 1 and arrival.streams == 0
+                assert arrival.on_stream is None
                 # P took ~0.25 s; the downstream ended right behind it.
                 assert down.done_at - down.first_at > 0.1
             finally:
@@ -371,6 +406,59 @@ def test_a_get_while_the_pull_waits_for_a_slot_waits_then_streams(
             await until(lambda: not d.active, "P's fetches to end")
             assert sorted((a.chunk, a.ok) for a in d.acks) == [(0, True), (1, True)]
             assert d.serve_stats.streamed == 1 and len(d.arrivals) == 0
+
+    run(main())
+
+
+def test_a_get_that_beats_the_relays_own_pull_waits_for_it(
+        store_factory: StoreFactory, tmp_path: Path) -> None:
+    """The center sends P's pull of a chunk and the downstream's pull naming P as its
+    relay together; the downstream's GET can reach P first.  Marked ``arriving`` it
+    waits for P's pull and streams; unmarked, or marked for a chunk whose pull never
+    comes (within the stall timeout), it is refused with 404."""
+    cs = MiB
+    up = store_factory("up")
+    snap, data = source(up, tmp_path, 3 * cs, cs)
+
+    async def main() -> None:
+        async with serving(up, limiter=RateLimiter(16 * MiB, burst=256 * 1024)) as (upstream,
+                                                                                   _), \
+                daemon_p(tmp_path, fetch_stall_timeout="0.5") as (d, p):
+            early = Downstream(tmp_path, "early", cs)
+            plain = Downstream(tmp_path, "plain", cs)
+            never = Downstream(tmp_path, "never", cs)
+            try:
+                # Before any pull: an unmarked request is refused at once.
+                with pytest.raises(FetchError) as err:
+                    await plain.fetch(p, 0, snap.chunks[0], None)
+                assert err.value.kind == FAIL_MISSING and "not held verified" in str(err.value)
+                task = asyncio.ensure_future(early.fetch(p, 0, snap.chunks[0], None,
+                                                         arriving=True))
+                await until(lambda: d.serve_stats.awaited_pulls == 1, "the GET to wait")
+                await asyncio.sleep(0.1)
+                assert not task.done() and early.first is None
+                # P's own pull comes late, but within the wait.
+                assert await d.pull(pull_request(snap, upstream, [0])) == 1
+                assert await task == cs
+                assert early.data() == data[:cs]
+                assert d.serve_stats.streamed == 1
+                # Marked, but P never pulls chunk 2: refused once the wait is over,
+                # bounded by the stall timeout (0.5 s), not held forever.
+                loop = asyncio.get_running_loop()
+                t0 = loop.time()
+                with pytest.raises(FetchError) as err:
+                    await never.fetch(p, 2, snap.chunks[2], None, arriving=True)
+                assert err.value.kind == FAIL_MISSING
+                assert 0.4 < loop.time() - t0 < 5.0
+                assert d.serve_stats.awaited_pulls == 2 and d.serve_stats.not_found == 2
+                st = await status(p)
+                assert st["downloads_before_pull"] == 2
+            finally:
+                for ds in (early, plain, never):
+                    await ds.close()
+            await until(lambda: not d.active, "P's fetch to end")
+            assert [(a.chunk, a.ok) for a in d.acks] == [(0, True)]
+            assert d.arrivals._awaited == {}
 
     run(main())
 

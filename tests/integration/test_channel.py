@@ -28,6 +28,11 @@ def test_per_chunk_traffic_goes_over_the_channels_and_a_daemon_without_one_uses_
         c.wait_until(f"d{i}'s channel", lambda i=i: channel(c, i)["state"] == "connected",
                      timeout=20)
     assert channel(c, 3) == {"state": "off"}
+    # Heartbeats: the registration over HTTP, then over the channel once it is up.
+    for i in (1, 2):
+        c.wait_until(f"d{i}'s heartbeats on its channel",
+                     lambda i=i: c.status(i)["heartbeats"]["channel"] > 0, timeout=20)
+    beats_http = {i: c.status(i)["heartbeats"]["http"] for i in (1, 2)}
     # Installed with fdship, uvloop runs the daemons (event_loop = auto).
     assert {c.status(i)["event_loop"] for i in range(4)} == {"uvloop"}
     hosts = c.hosts()
@@ -58,8 +63,12 @@ def test_per_chunk_traffic_goes_over_the_channels_and_a_daemon_without_one_uses_
         # Its drain notices went as one-way frames: as many batches as it sent.
         assert st["drain_notices"]["sent"] > 0, st
         assert 0 < st["channel"]["notices"] <= st["drain_notices"]["sent"], st
+    for i in (1, 2):
+        # Not one beat fell back to HTTP while the channel was up, job or not.
+        assert c.status(i)["heartbeats"]["http"] == beats_http[i], c.status(i)["heartbeats"]
     st3 = c.status(3)
     assert st3["reports"]["channel"] == 0 and st3["reports"]["http"] > 0, st3["reports"]
+    assert st3["heartbeats"]["channel"] == 0 and st3["heartbeats"]["http"] > 0, st3
     # Over HTTP every notice is answered, and the center counted them all.
     assert st3["drain_notices"]["failed"] == 0, st3
     assert m["fdship_drain_notices_total{outcome=\"accepted\"}"] + \
