@@ -170,6 +170,11 @@ class HostState:
     version: str = ""
     streams: bool = False  # serves chunks still arriving (its heartbeat says so)
     want_inventory: bool = True
+    # A pull or pack to it was not delivered since its last heartbeat (it
+    # crashed, or its port is refused): it gets no new work until it answers
+    # a heartbeat again, instead of a pull per scheduling decision, dozens a
+    # second, until the heartbeat timeout declares it dead.
+    undeliverable: bool = False
     bad_serves: int = 0  # chunks from this host that failed their hash
     # Estimated uplink and downlink (bytes/s) from the chunks this host served
     # and fetched: the best recent rate of a transfer that had the link to
@@ -572,8 +577,8 @@ class Scheduler:
         return self._apply_beat(h, b, now)
 
     def _apply_beat(self, h: HostState, b: Any, now: float) -> list[Action]:
-        was_alive = h.alive
-        h.alive, h.last_seen = True, now
+        was_alive = h.alive and not h.undeliverable  # either way it comes back now
+        h.alive, h.last_seen, h.undeliverable = True, now, False
         ld = b.load
         h.cpu, h.loadavg, h.net_tx, h.net_rx, h.disk_busy = (ld.cpu, ld.loadavg, ld.net_tx,
                                                              ld.net_rx, ld.disk_busy)
@@ -737,7 +742,11 @@ class Scheduler:
         if ev.pack_file == -2:
             m.hook_sent = False
         m.last_error = ev.error
-        # No retry now: the tick retries once the host answers heartbeats again.
+        # No retry now: the host's next heartbeat does (see _apply_beat).
+        h = self.hosts.get(ev.host)
+        if h is not None:
+            h.undeliverable = True
+            self.dirty_hosts.add(h.name)
         return []
 
     def _on_Tick(self, ev: Tick, now: float) -> list[Action]:
@@ -1232,7 +1241,7 @@ class Scheduler:
             job.hungry.pop(m.name, None)
             return []
         t = self.hosts.get(m.name)
-        if t is None or not t.alive:
+        if t is None or not t.alive or t.undeliverable:
             return []
         actions = self._packs(job, m, t)
         missing = job.nchunks - len(m.have) - len(m.inflight)
@@ -1319,7 +1328,8 @@ class Scheduler:
                 break
             m = job.machines.get(name)
             t = self.hosts.get(name)
-            if (m is None or m.ended or t is None or not t.alive or not self._down_free(t)
+            if (m is None or m.ended or t is None or not t.alive or t.undeliverable
+                    or not self._down_free(t)
                     or len(m.have) + len(m.inflight) >= job.nchunks):
                 drop.append(name)
                 continue

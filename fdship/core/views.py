@@ -115,6 +115,9 @@ def host_view(s: Scheduler, name: str, now: float) -> dict[str, Any]:
     h = s.hosts[name]
     return {
         "name": h.name, "address": h.address, "labels": list(h.labels), "alive": h.alive,
+        # False from a pull or pack the center could not deliver until the next
+        # heartbeat: no new work goes to it meanwhile.
+        "reachable": not h.undeliverable,
         "last_heartbeat": iso(h.last_seen) if h.last_seen else None,
         "heartbeat_age": round(now - h.last_seen, 3) if h.last_seen else None,
         "load": {"cpu": h.cpu, "loadavg": h.loadavg, "net_tx": h.net_tx, "net_rx": h.net_rx,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from fdship.core.actions import AssignFetch, Commit, JobEnded, Pack
-from fdship.core.events import (ChunkStored, FetchFailed, FilePacked, HostReported,
+from fdship.core.events import (ChunkStored, CommandUndelivered, FetchFailed, FilePacked, HostReported,
                                 JobSubmitted, MachineFailed, Recovered, Tick, from_record)
 from fdship.core.scheduler import Scheduler, Tunables
 from fdship.core import views
@@ -238,6 +238,31 @@ def test_dead_target_fails_after_grace_with_time_and_others_finish():
     run(s, Tick(), T0 + 26)
     m = s.jobs["j1"].machines["h1"]
     assert m.ended == "failed" and m.error.startswith("unreachable since ")
+
+
+def test_a_target_whose_pull_was_not_delivered_gets_no_work_until_its_next_heartbeat():
+    """A crashed daemon is not sent a pull per decision until the heartbeat
+    timeout: the first undelivered pull parks it, its next beat resumes it."""
+    s = cluster(3, max_uploads=4, max_downloads=1)
+    _, a = submit(s, [fake_file("/a", 8 * CS, CS)], ["h1", "h2"])
+    mine = [(f, c) for t, f, c, _ in fetches(a) if t == "h1"]
+    assert mine
+    assert run(s, CommandUndelivered(job="j1", host="h1", fetches=tuple(mine),
+                                     error="pull not delivered: connection refused"),
+               T0 + 0.1) == []
+    assert s.jobs["j1"].machines["h1"].inflight == {}
+    assert views.host_view(s, "h1", T0 + 0.1)["reachable"] is False
+    # Work keeps moving for h2; none of it is offered to h1, not even by the tick.
+    later = []
+    for i, (t, f, c, p) in enumerate(x for x in fetches(a) if x[0] == "h2"):
+        later += fetches(run(s, ChunkStored(job="j1", host=t, file=f, chunk=c, peer=p),
+                             T0 + 0.2 + i / 10))
+    later += fetches(run(s, Tick(), T0 + 0.5))
+    assert later and all(t != "h1" for t, *_ in later)
+    # Its next heartbeat (it is alive after all) gives it work at once.
+    again = fetches(run(s, beat("h1", max_downloads=1), T0 + 1))
+    assert any(t == "h1" for t, *_ in again)
+    assert views.host_view(s, "h1", T0 + 1)["reachable"] is True
 
 
 def test_fetch_from_dead_peer_is_reassigned():
