@@ -26,6 +26,7 @@ waits, and O(waiters) when someone does.
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
 PENDING = "pending"  # the pull was accepted; the fetch waits for a free fetch slot
@@ -39,6 +40,10 @@ Key = tuple[str, int, int]  # (job, file, chunk)
 # left): about 6 ms of an 80 Mbit/s link per hop, and a fraction of the
 # wake-ups.  The fetch feeding a stream wakes on batches of it too.
 RELAY_BATCH = 64 * 1024
+# Keys whose fetch here failed, remembered (the newest this many) so that a
+# download waiting for the chunk's arrival is refused at once instead of
+# waiting for a pull that already came and went.
+FAILED_MEMORY = 1024
 
 
 class Arrival:
@@ -174,6 +179,8 @@ class Arrivals:
         # Downloads that came before the pull that opens their chunk here (see
         # :meth:`opened`), woken by :meth:`open`.
         self._awaited: dict[Key, list[asyncio.Future[None]]] = {}
+        # Keys whose last fetch here failed, and no new one opened since.
+        self._failed: OrderedDict[Key, None] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._by_key)
@@ -192,6 +199,7 @@ class Arrivals:
         if old is not None:
             old.fail("replaced by a fetch from another peer")
         arrival = self._by_key[key] = Arrival(key, offset, length)
+        self._failed.pop(key, None)
         for fut in self._awaited.pop(key, ()):
             if not fut.done():
                 fut.set_result(None)
@@ -202,10 +210,13 @@ class Arrivals:
 
         The center sends a relay's pull and the pull of the peer that fetches
         from it at the same moment, over different connections: the peer's
-        request can come first.  It waits here instead of being refused.
+        request can come first.  It waits here instead of being refused,
+        unless this daemon's own fetch of the chunk already failed: its pull
+        came and went, and the center, told of the failure, has no relay here
+        to offer any more (waiting would only hold the request up).
         """
         arrival = self._by_key.get(key)
-        if arrival is not None or timeout <= 0:
+        if arrival is not None or timeout <= 0 or key in self._failed:
             return arrival
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiters = self._awaited.setdefault(key, [])
@@ -233,6 +244,10 @@ class Arrivals:
         arrival.fail(reason)
         if self._by_key.get(arrival.key) is arrival:
             del self._by_key[arrival.key]
+            if arrival.state == FAILED:
+                self._failed[arrival.key] = None
+                if len(self._failed) > FAILED_MEMORY:
+                    self._failed.popitem(last=False)
 
     def fail_all(self, reason: str) -> None:
         for arrival in list(self._by_key.values()):

@@ -214,6 +214,22 @@ def test_a_request_can_wait_for_its_arrival_to_be_opened() -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await other
         assert reg._awaited == {}
+        # A key whose fetch here failed is not waited for: its pull came and went.
+        failed = reg.open((JOB, 0, 3), 0, 10)
+        reg.close(failed)
+        t0 = loop.time()
+        assert await reg.opened((JOB, 0, 3), 5.0) is None and loop.time() - t0 < 1.0
+        # A new pull for it (the center retried) opens it again, found at once.
+        again = reg.open((JOB, 0, 3), 0, 10)
+        assert (JOB, 0, 3) not in reg._failed
+        assert await reg.opened((JOB, 0, 3), 5.0) is again
+        reg.close(again, "cancelled")
+        # A fetch that ended well is not remembered as failed.
+        ok = reg.open((JOB, 0, 4), 0, 10)
+        ok.progress(10)
+        ok.succeed()
+        reg.close(ok)
+        assert (JOB, 0, 4) not in reg._failed and (JOB, 0, 3) in reg._failed
 
     run(main())
 
@@ -459,6 +475,36 @@ def test_a_get_that_beats_the_relays_own_pull_waits_for_it(
             await until(lambda: not d.active, "P's fetch to end")
             assert [(a.chunk, a.ok) for a in d.acks] == [(0, True)]
             assert d.arrivals._awaited == {}
+
+    run(main())
+
+
+def test_a_marked_get_after_the_relays_own_fetch_failed_is_refused_at_once(
+        store_factory: StoreFactory, tmp_path: Path) -> None:
+    """P's pull came and its fetch failed (nothing listens where its upstream
+    should be): a downstream's GET marked ``arriving`` for that chunk, sent by a
+    center that had not heard of the failure yet, is refused at once.  It used
+    to wait out the whole bound (5 s, or the stall timeout) for a pull that had
+    already come and gone, holding the downstream's link idle."""
+    cs = 256 * 1024
+    up = store_factory("up")
+    snap, _ = source(up, tmp_path, 2 * cs, cs)
+
+    async def main() -> None:
+        async with daemon_p(tmp_path, fetch_stall_timeout="30") as (d, p):
+            down = Downstream(tmp_path, "late", cs)
+            try:
+                assert await d.pull(pull_request(snap, "127.0.0.1:9", [1], "gone")) == 1
+                await until(lambda: not d.active, "P's fetch to fail")
+                assert [(a.chunk, a.ok) for a in d.acks] == [(1, False)]
+                loop = asyncio.get_running_loop()
+                t0 = loop.time()
+                with pytest.raises(FetchError) as err:
+                    await down.fetch(p, 1, snap.chunks[1], None, arriving=True)
+                assert err.value.kind == FAIL_MISSING
+                assert loop.time() - t0 < 2.0  # not the 5 s bound
+            finally:
+                await down.close()
 
     run(main())
 
