@@ -54,7 +54,7 @@ from fdship.daemon.fetch import FetchError, PeerPool
 from fdship.daemon.hooks import HookRunner
 from fdship.daemon.load import LoadSampler
 from fdship.daemon.ratelimit import RateLimiter
-from fdship.daemon.serve import DownloadHandler, ServeStats
+from fdship.daemon.serve import DownloadHandler, ServeStats, Submissions
 from fdship.daemon.store import Store, free_space, hash_range
 from fdship.errors import (BadRequest, ConfigError, FdshipError, IntegrityError, LocalIOError,
                            NotFound, Unavailable, Unprocessable)
@@ -115,6 +115,9 @@ class DaemonMetrics:
         yield CounterMetricFamily("fdship_downloads_before_pull", "Requests for a chunk relayed "
                                   "through here that came before this daemon's own pull of it "
                                   "(they wait for it)", value=s.awaited_pulls)
+        yield CounterMetricFamily("fdship_downloads_before_commit", "Requests that came while "
+                                  "a submission of this daemon awaited the center's answer "
+                                  "(they wait for it)", value=s.awaited_submissions)
         yield CounterMetricFamily("fdship_writeback_bytes", "Bytes of verified chunks handed "
                                   "to the kernel's writeback before the pack-time fsync",
                                   value=d.store.writeback_bytes)
@@ -175,6 +178,7 @@ class Daemon:
                              stall_timeout=cfg.fetch_stall_timeout, drain_lead=cfg.fetch_lead,
                              receive_batch=cfg.receive_batch)
         self.serve_stats = ServeStats()
+        self.submissions = Submissions()  # this daemon's submissions awaiting the center
         # Ship only what changed: chunks the old copy at the destination still holds.
         self.delta = DeltaFetcher(token=token, limiter=self.down_limiter,
                                   connect_timeout=cfg.connect_timeout)
@@ -794,14 +798,17 @@ class Daemon:
             jreq = P.JobRequest(source=self.name, files=files, machines=req.machines,
                                 chunk_size=chunk_size, callback=req.callback, notify=req.notify,
                                 schedule=req.schedule)
-            async with self.report_lock:  # no inventory may overtake it (see _heartbeats)
-                job = await self.center.submit(jreq)
+            # From here until the commit, peers' requests for chunks this daemon
+            # does not know wait for the answer (the center pulls at once).
+            with self.submissions.pending():
+                async with self.report_lock:  # no inventory may overtake it (see _heartbeats)
+                    job = await self.center.submit(jreq)
+                # Synchronously after the answer: no inventory can be taken in between.
+                self.store.commit_snapshots(job, [s.key for s in snaps])
         except BaseException:
             for s in snaps:
-                self.store.discard_snapshot(s.key)
+                self.store.discard_snapshot(s.key)  # committed ones are no longer pending
             raise
-        # Synchronously after the answer: no inventory can be taken in between.
-        self.store.commit_snapshots(job, [s.key for s in snaps])
         log.info("job=%s submitted: %d files (%d bytes) to %s", job, len(files),
                  sum(f.size for f in files), ",".join(req.machines))
         return job, jreq
@@ -942,6 +949,9 @@ class StatusHandler(DaemonHandler):
                         # Chunks served while they were still arriving (cut-through).
                         "chunks_streamed": d.serve_stats.streamed,
                         "downloads_before_pull": d.serve_stats.awaited_pulls,
+                        # ...and before this daemon had read the center's answer
+                        # to the submission of their job (it was its source).
+                        "downloads_before_commit": d.serve_stats.awaited_submissions,
                         "arriving": len(d.arrivals),
                         "bytes_received": d.pool.stats.bytes_received,
                         # Event-loop wake-ups moving chunk bytes, each way: what
@@ -978,7 +988,8 @@ def make_app(d: Daemon) -> tornado.web.Application:
           "fault": d.cfg.fault_inject, "write_timeout": d.cfg.write_timeout,
           # Chunks still arriving are streamed; a stream waits for its next
           # bytes as long as our own fetch of them would before giving up.
-          "arrivals": d.arrivals, "stall_timeout": d.cfg.fetch_stall_timeout}),
+          "arrivals": d.arrivals, "stall_timeout": d.cfg.fetch_stall_timeout,
+          "submissions": d.submissions}),
         (P.DAEMON_DELTA, DeltaHandler,
          {"store": d.store, "limiter": d.up_limiter, "stats": d.serve_stats,
           "arrivals": d.arrivals, "stall_timeout": d.cfg.fetch_stall_timeout}),

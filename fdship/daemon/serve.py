@@ -33,10 +33,12 @@ verifies partial bytes because it hashes the whole chunk.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +70,42 @@ ARRIVING_WAIT = 5.0
 _rng = random.Random()
 
 
+class Submissions:
+    """This daemon's job submissions waiting for the center's answer.
+
+    The center sends a job's first pulls as it accepts the job, so a target's
+    request for a chunk can reach the source before the source has read that
+    answer and committed its snapshot under the job's id.  Such a request
+    waits for the submissions in flight (one center round trip) instead of
+    being refused, which cost the target a retry and counted against the
+    source.
+    """
+
+    def __init__(self) -> None:
+        self._inflight: set[asyncio.Future[None]] = set()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._inflight)
+
+    @contextlib.contextmanager
+    def pending(self) -> Iterator[None]:
+        """Around a submission: from before it is sent until its snapshots are
+        committed (or discarded)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._inflight.add(fut)
+        try:
+            yield
+        finally:
+            self._inflight.discard(fut)
+            fut.set_result(None)
+
+    async def settled(self, timeout: float) -> None:
+        """Wait, at most ``timeout`` s, for the submissions in flight now to end."""
+        if self._inflight:
+            await asyncio.wait(set(self._inflight), timeout=timeout)
+
+
 @dataclass
 class ServeStats:
     """Plain counters for the daemon's /metrics and load reports."""
@@ -83,6 +121,8 @@ class ServeStats:
     faults_injected: int = 0
     streamed: int = 0  # chunks served complete while they were still arriving here
     awaited_pulls: int = 0  # requests that came before this daemon's pull of their chunk
+    # Requests that came while a submission of this daemon awaited its answer.
+    awaited_submissions: int = 0
 
 
 def parse_fault(spec: str) -> tuple[str, float]:
@@ -122,8 +162,10 @@ class DownloadHandler(BaseHandler):
     def initialize(self, store: Store, limiter: RateLimiter | None = None,
                    stats: ServeStats | None = None, fault: str = "",
                    write_timeout: float = WRITE_TIMEOUT, arrivals: Arrivals | None = None,
-                   stall_timeout: float = STALL_TIMEOUT) -> None:
+                   stall_timeout: float = STALL_TIMEOUT,
+                   submissions: Submissions | None = None) -> None:
         self.store = store
+        self.submissions = submissions
         # Chunks being fetched here; None serves verified chunks only.
         self.arrivals = arrivals
         self.stall_timeout = stall_timeout
@@ -169,6 +211,12 @@ class DownloadHandler(BaseHandler):
             # it may simply not have come yet.
             self.stats.awaited_pulls += 1
             await self.arrivals.opened((job, file, chunk), min(ARRIVING_WAIT, self.stall_timeout))
+            src, arrival = self._source(job, file, chunk)
+        if src is None and self.submissions is not None and self.submissions.busy:
+            # Perhaps a job this daemon just submitted, accepted but not yet
+            # committed here (see Submissions).
+            self.stats.awaited_submissions += 1
+            await self.submissions.settled(min(ARRIVING_WAIT, self.stall_timeout))
             src, arrival = self._source(job, file, chunk)
         if src is None:
             self.stats.not_found += 1

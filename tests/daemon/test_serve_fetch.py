@@ -26,7 +26,7 @@ import tornado.http1connection
 
 from fdship.daemon.fetch import FetchError, PeerPool
 from fdship.daemon.ratelimit import RateLimiter
-from fdship.daemon.serve import DownloadHandler, ServeStats, parse_fault
+from fdship.daemon.serve import DownloadHandler, ServeStats, Submissions, parse_fault
 from fdship.daemon.store import PackResult, Snapshot, Store
 from fdship.errors import ConfigError, IntegrityError
 from fdship.protocol import (DAEMON_DOWNLOAD, FAIL_CONNECT, FAIL_HASH, FAIL_HTTP, FAIL_LOCAL,
@@ -231,6 +231,63 @@ def test_unknown_chunk_is_404_and_bad_params_400(store_factory: StoreFactory,
             assert ei.value.kind == FAIL_MISSING and "404" in str(ei.value)
             await pool.close()
         assert stats.not_found == 4
+
+    run(body())
+
+
+def test_a_request_while_the_source_awaits_the_centers_answer_waits_for_the_commit(
+        store_factory: StoreFactory, tmp_path: Path) -> None:
+    """The center pulls as it accepts a job, so a target's request can reach the
+    source before the source has committed its snapshot under the job's id.
+    While a submission is in flight such a request waits and is served; with
+    none in flight, or for a chunk the submission does not bring, it is
+    refused (404) as soon as the submission ends."""
+    a = store_factory("a")
+    src = tmp_path / "early.bin"
+    data = write_random(src, 2 * CS, 3)
+    snap = a.snapshot(str(src), CS)
+    subs = Submissions()
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        async with serving(a, submissions=subs) as (peer, stats):
+            pool = PeerPool()
+            fd = os.open(tmp_path / "got.bin", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                # Nothing in flight: refused at once, as ever.
+                with pytest.raises(FetchError) as ei:
+                    await pool.fetch(peer, "job9", 0, 0, CS, snap.chunks[0], fd, 0, 5.0)
+                assert ei.value.kind == FAIL_MISSING
+
+                async def submit() -> None:
+                    with subs.pending():
+                        await asyncio.sleep(0.3)  # the center's answer on its way
+                        a.commit_snapshots("job9", [snap.key])
+
+                sub = asyncio.ensure_future(submit())
+                await asyncio.sleep(0.05)
+                t0 = loop.time()
+                n = await pool.fetch(peer, "job9", 0, 1, CS, snap.chunks[1], fd, 0, 5.0)
+                assert n == CS and os.pread(fd, CS, 0) == data[CS:]
+                assert 0.15 < loop.time() - t0 < 4.0  # served once committed
+                await sub
+                assert stats.awaited_submissions == 1
+
+                async def refused() -> None:
+                    with subs.pending():
+                        await asyncio.sleep(0.2)  # the center refused the job
+
+                sub = asyncio.ensure_future(refused())
+                await asyncio.sleep(0.05)
+                t0 = loop.time()
+                with pytest.raises(FetchError) as ei:
+                    await pool.fetch(peer, "job8", 0, 0, CS, snap.chunks[0], fd, 0, 10.0)
+                assert ei.value.kind == FAIL_MISSING
+                assert loop.time() - t0 < 2.0  # at the end of the submission, not the 5 s bound
+                await sub
+            finally:
+                os.close(fd)
+                await pool.close()
 
     run(body())
 

@@ -469,6 +469,7 @@ def test_a_get_that_beats_the_relays_own_pull_waits_for_it(
                 assert d.serve_stats.awaited_pulls == 2 and d.serve_stats.not_found == 2
                 st = await status(p)
                 assert st["downloads_before_pull"] == 2
+                assert st["downloads_before_commit"] == 0  # P submitted nothing
             finally:
                 for ds in (early, plain, never):
                     await ds.close()

@@ -197,9 +197,11 @@ def test_source_dies_before_any_copy_job_fails_naming_it(cluster_factory, tmp_pa
     """The source is killed before any target holds a chunk: the job fails, and
     the reason names the source."""
     c = cluster_factory(
-        3, center_args=["--chunk-size", "256K", "--heartbeat-timeout", "2",
+        # Chunks four times the upload limiter's burst (256 KiB) at 4 KiB/s: no
+        # chunk can arrive before the kill, even one requested the moment the
+        # source committed its snapshot.
+        3, center_args=["--chunk-size", "1M", "--heartbeat-timeout", "2",
                         "--grace-period", "2"],
-        # So slow that nothing arrives before the kill.
         daemon_args={0: ["--heartbeat-interval", "0.5", "--upload-rate", "4K"],
                      1: ["--heartbeat-interval", "0.5"], 2: ["--heartbeat-interval", "0.5"]})
     path = str(tmp_path / "f.bin")
