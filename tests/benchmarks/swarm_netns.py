@@ -106,8 +106,15 @@ def fdship_run(sw: NetnsSwarm, src: str, size: int, targets: int, rate: float,
     served0 = sw.status(0)["bytes_served"]
     wake0 = _wakeups(sw, targets)
     sampler = LinkSampler(sw.hosts[1:]).start()
+    # The source's uplink: when has it sent one whole copy?  Until then it is
+    # the swarm's only supply of the newest chunks; what comes after is the
+    # tail, which the targets' own uplinks carry.
+    src_up = LinkSampler(sw.hosts[:1], interval=0.02, direction="rx").start()
+    t0 = time.monotonic()
     res, wall = sw.ship(src, range(1, targets + 1), dest=dest)
     sampler.stop()
+    src_up.stop()
+    copied = src_up.reached(0, size)  # wire bytes: headers make it a little early
     egress, busy = sw.egress(0) - e0, cpu_busy(c0, cpu_times())
     own = own_cpu(swarm_pids(sw)) - own0
     if res["state"] != "done":
@@ -130,6 +137,9 @@ def fdship_run(sw: NetnsSwarm, src: str, size: int, targets: int, rate: float,
             "bound_s": bound, "ratio": wall / bound, "egress_ratio": egress / size,
             "served_ratio": (sw.status(0)["bytes_served"] - served0) / size,
             "idle_mean_s": statistics.mean(idle), "idle_max_s": max(idle), "cpu_busy": busy,
+            # Source's one copy sent, in units of S/B, and the seconds after it.
+            "source_copy_ratio": (copied - t0) / bound if copied else 0.0,
+            "tail_s": t0 + wall - copied if copied else 0.0,
             "own_cores": own / wall,
             "capped": capped,
             "uncapped_max_ratio": max(uncapped) / bound if uncapped else 0.0,
@@ -260,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
                     res = fdship_run(sw, src, size, targets, rate, r, chunk, vname, capped)
                     print(f"   fdship run {r + 1}: {res['wall_s']:.1f} s = {res['ratio']:.2f} x "
                           f"S/B (target {res['target_ratio']:.2f}), egress "
-                          f"{res['egress_ratio']:.2f} x, idle mean {res['idle_mean_s']:.1f} s, "
+                          f"{res['egress_ratio']:.2f} x, source's copy out at "
+                          f"{res['source_copy_ratio']:.2f} x S/B then {res['tail_s']:.1f} s of "
+                          f"tail, idle mean {res['idle_mean_s']:.1f} s, "
                           f"{res['own_cores']:.2f} cores, machine CPU "
                           f"{100 * res['cpu_busy']:.0f}%, wake-ups per MiB "
                           f"{res['rx_wakeups_per_mib']:.1f} rx / {res['tx_wakeups_per_mib']:.1f} tx"

@@ -58,17 +58,19 @@ def link_bytes(dev: str, direction: str) -> int:
 
 @dataclass
 class LinkSampler:
-    """Reads the downlink counter of some hosts every ``interval`` seconds.
+    """Reads the downlink (or uplink) counter of some hosts every ``interval`` seconds.
 
     The bridge side of a host's veth *transmits* what the host receives, so
-    its tx counter is the host's download.  ``idle_seconds(i, rate)`` is how
-    long host ``i`` received less than a tenth of ``rate`` between its first
-    and last busy interval: time its downlink sat unused while it still had
-    work to do.
+    its tx counter is the host's download (``direction="tx"``) and its rx
+    counter the host's upload (``"rx"``).  ``idle_seconds(i, rate)`` is how
+    long host ``i``'s link carried less than a tenth of ``rate`` between its
+    first and last busy interval: time it sat unused while there was work.
+    ``reached(i, n)`` is when it had carried ``n`` bytes.
     """
 
     hosts: Sequence[Host]
     interval: float = 0.05
+    direction: str = "tx"
     samples: list[tuple[float, list[int]]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
@@ -83,13 +85,22 @@ class LinkSampler:
         deadline = time.monotonic() + 3600  # bounded even if nobody stops us
         while not self._stop.is_set() and time.monotonic() < deadline:
             with contextlib.suppress(OSError, ValueError):
-                self.samples.append((time.monotonic(), [link_bytes(d, "tx") for d in devs]))
+                self.samples.append((time.monotonic(),
+                                     [link_bytes(d, self.direction) for d in devs]))
             self._stop.wait(self.interval)
 
     def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
+
+    def reached(self, i: int, n: int) -> float | None:
+        """Monotonic time of the first sample by which host ``i``'s link had
+        carried ``n`` bytes since sampling began (None: never)."""
+        if not self.samples:
+            return None
+        first = self.samples[0][1][i]
+        return next((t for t, c in self.samples if c[i] - first >= n), None)
 
     def idle_seconds(self, i: int, rate: float) -> float:
         s = self.samples
